@@ -1,0 +1,119 @@
+"""The command lines end to end, in subprocesses with tiny budgets (cleanrl style)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EVAL_KEYS = ("return_mean", "return_std", "normalized_score_mean", "normalized_score_std", "episodes")
+
+
+def train_args(cli, data: Path, run_dir: Path, steps: int = 200, *extra: str) -> list[str]:
+    return [
+        cli.script("kinema-train"), "policy=bc", f"dataset.path={data}", f"train.steps={steps}", "eval.episodes=2",
+        "eval.num_envs=2", "seed=0", "threads=1", f"hydra.run.dir={run_dir}", *extra,
+    ]
+
+
+def test_train_then_eval(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = cli.run(train_args(cli, hopper_random_hdf5, run_dir), cwd=tmp_path)
+    assert "normalised score" in proc.stdout
+
+    result = json.loads((run_dir / "eval.json").read_text())
+    for key in EVAL_KEYS:
+        assert key in result, key
+    assert result["episodes"] == 2 and len(result["returns"]) == 2
+    assert result["reference_source"] == "dataset"  # kinema datasets carry Minari-style references
+    for name in ("model.safetensors", "config.yaml", "stats.json"):
+        assert (run_dir / "checkpoint" / name).is_file()
+    assert (run_dir / "learning_curve.png").stat().st_size > 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 200 and any("train/loss" in row for row in rows)
+    assert (run_dir / "metrics.csv").read_text().startswith("step,")
+    assert any((run_dir / "tensorboard").iterdir())
+
+    eval_dir = tmp_path / "eval"
+    proc = cli.run([cli.script("kinema-eval"), f"checkpoint={run_dir / 'checkpoint'}", "eval.episodes=2",
+                    f"hydra.run.dir={eval_dir}"], cwd=tmp_path)
+    again = json.loads((eval_dir / "eval.json").read_text())
+    # Same checkpoint, same seeds: the evaluation reproduces exactly.
+    assert again["returns"] == result["returns"]
+    assert again["normalized_score_mean"] == pytest.approx(result["normalized_score_mean"])
+
+
+def test_killed_run_resumes_from_last_checkpoint(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = train_args(cli, hopper_random_hdf5, run_dir, 4000, "train.checkpoint_every=100", "train.log_every=50")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while not list((run_dir / "checkpoints").glob("step_*")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the run finished before it could be killed; raise train.steps"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert done and not (run_dir / "eval.json").exists()
+
+    resumed = cli.run(args, cwd=tmp_path)
+    assert f"resuming {run_dir} from step {done[-1]}" in resumed.stderr + resumed.stdout
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["step"] == 4000
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "resumed logs must not repeat or interleave steps"
+
+
+def test_eval_refuses_incomplete_checkpoint(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cli.run(train_args(cli, hopper_random_hdf5, run_dir, 20), cwd=tmp_path)
+    (run_dir / "checkpoint" / "stats.json").unlink()
+    proc = cli.run([cli.script("kinema-eval"), f"checkpoint={run_dir}", f"hydra.run.dir={tmp_path / 'e'}"],
+                   cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "stats.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.steps=-5", "train.steps"),
+        ("policy.hidden_dims=[0]", "hidden_dims"),
+        ("+policy.bogus=1", "bogus"),
+        ("policy.name=nope", "nope"),
+        ("env=NoSuchTask-v9", "NoSuchTask-v9"),
+    ],
+)
+def test_bad_config_values_are_named(cli, hopper_random_hdf5: Path, tmp_path: Path, override: str, expected: str) -> None:
+    proc = cli.run(train_args(cli, hopper_random_hdf5, tmp_path / "run", 10, override), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dataset_that_does_not_match_the_task_is_refused(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    proc = cli.run(train_args(cli, hopper_random_hdf5, tmp_path / "run", 10, "env=halfcheetah"), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert str(hopper_random_hdf5) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_runs_started_together_get_their_own_directories(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    args = [cli.script("kinema-train"), "policy=bc", f"dataset.path={hopper_random_hdf5}", "train.steps=5",
+            "eval.episodes=1", "eval.num_envs=1", "threads=1"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    runs = list((tmp_path / "runs" / "train").glob("*/*"))
+    assert len(runs) == 2 and all((run / "eval.json").is_file() for run in runs)

@@ -1,0 +1,54 @@
+"""What every kinema command line shares: Hydra set-up, run directories, one-paragraph errors."""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+HYDRA_VERSION_BASE = "1.3"
+
+# Errors a user can fix (bad file, bad value, missing key): reported as one paragraph, exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _unique_suffix() -> str:
+    # Two runs started in the same second get different run directories.
+    return f"{os.getpid()}-{secrets.token_hex(2)}"
+
+
+if not OmegaConf.has_resolver("kinema_unique"):
+    OmegaConf.register_new_resolver("kinema_unique", _unique_suffix, use_cache=True)
+
+
+def report_user_errors(command: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[DictConfig], Any]]:
+    """Wrap a Hydra task function so a user error prints one paragraph and exits non-zero."""
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+        @functools.wraps(task)
+        def wrapped(cfg: DictConfig) -> Any:
+            try:
+                return task(cfg)
+            except USER_ERRORS as error:
+                message = error.args[0] if isinstance(error, KeyError) and error.args else error
+                print(f"{command}: error: {message}", file=sys.stderr)
+                sys.exit(2)
+
+        return wrapped
+
+    return decorate
+
+
+def to_plain(cfg: DictConfig | dict | None) -> dict:
+    """A resolved plain dict of a config node (what checkpoints and policies receive)."""
+    if cfg is None:
+        return {}
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

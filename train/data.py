@@ -1,0 +1,54 @@
+"""From the `dataset` and `env` config entries to a validated dataset and its task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kinema.datasets import OfflineDataset, load_dataset
+from kinema.envs import TaskSpec, get_task, task_spaces
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "datasets" / "embedded"
+
+
+@dataclass
+class ResolvedDataset:
+    dataset: OfflineDataset
+    task: TaskSpec
+    name: str
+    path: Path
+
+    @property
+    def reference_returns(self) -> tuple[float, float] | None:
+        return self.dataset.reference_returns
+
+
+def dataset_path(dataset_cfg: dict[str, Any]) -> Path:
+    """Where the configured dataset lives: an explicit path, the embedded file, or the suite cache."""
+    if dataset_cfg.get("path"):
+        return Path(str(dataset_cfg["path"])).expanduser()
+    name = dataset_cfg.get("name")
+    if not name:
+        raise ValueError("dataset: set dataset=<suite name> or dataset.path=<file.hdf5 or Minari dataset dir>")
+    embedded = EMBEDDED_DIR / f"{name}.hdf5"
+    if embedded.is_file():
+        return embedded
+    from kinema.datasets.suite import ensure_suite_dataset  # generated on first use
+
+    return ensure_suite_dataset(str(name))
+
+
+def resolve_dataset(dataset_cfg: dict[str, Any], env: str | None) -> ResolvedDataset:
+    path = dataset_path(dataset_cfg)
+    dataset = load_dataset(path)
+    task_name = env or dataset.metadata.get("task") or dataset.metadata.get("env_id")
+    if not task_name:
+        raise ValueError(
+            f"dataset {path} does not say which task it was recorded in (no metadata/task or metadata/env_id); "
+            "name it with env=<task>, e.g. env=hopper"
+        )
+    task = get_task(str(task_name))
+    obs_dim, act_dim, _, _ = task_spaces(task)
+    dataset.validate(obs_dim=obs_dim, act_dim=act_dim)
+    return ResolvedDataset(dataset=dataset, task=task, name=str(dataset_cfg.get("name") or path.stem), path=path)

@@ -1,0 +1,30 @@
+"""`kinema-train`: train a policy on an offline dataset, evaluate it in MuJoCo, print a normalised score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, report_user_errors, to_plain
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=HYDRA_VERSION_BASE)
+@report_user_errors("kinema-train")
+def main(cfg: DictConfig) -> float | None:
+    from kinema.train.trainer import _describe, run_training
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = run_training(to_plain(cfg), run_dir)
+    if result is None:  # a non-zero DDP rank
+        return None
+    print(f"kinema-train: {result['policy']} on {result['dataset']} ({result['task']}), step {result['step']}: {_describe(result)}")
+    print(f"kinema-train: run directory {run_dir} (eval.json, checkpoint/, learning_curve.png)")
+    # Returned so Hydra sweepers can optimise it.
+    return result.get("normalized_score_mean")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""The training loop every policy family shares: sampler → policy.loss → optimiser → checkpoint.
+
+Resumable: a periodic checkpoint carries the optimiser, scheduler, RNG and sampler state,
+and running the same command with the same run directory continues from the newest one.
+Runs unchanged under `torchrun` (DDP): each rank samples its own shard of episodes,
+gradients are averaged, and only rank 0 logs, evaluates and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from kinema.datasets import make_sampler
+from kinema.envs import evaluate, task_spaces
+from kinema.policies import NormStats, Policy, PolicySpec, make_policy
+from kinema.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from kinema.train.data import ResolvedDataset, resolve_dataset
+from kinema.train.metrics import RunLogger, plot_learning_curve
+
+EVAL_JSON = "eval.json"
+# Keys that must match for a run directory to be resumed; anything else (e.g. train.steps) may change.
+RESUME_KEYS = ("policy", "dataset", "env", "seed")
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Distributed:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} was requested but CUDA is not available on this machine; use device=cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def policy_spec(task: Any) -> PolicySpec:
+    obs_dim, act_dim, low, high = task_spaces(task)
+    return PolicySpec(obs_dim, act_dim, tuple(low), tuple(high), task.max_episode_steps)
+
+
+def eval_conditioning(cfg: dict[str, Any], task_name: str, data: ResolvedDataset | None) -> dict[str, Any]:
+    """Return-conditioned policies get a target return: explicit, per-task default, or the dataset's best."""
+    eval_cfg = cfg["eval"]
+    target = eval_cfg.get("target_return")
+    if target is None:
+        target = (eval_cfg.get("target_returns") or {}).get(task_name)
+    if target is None and data is not None:
+        target = float(np.max(data.dataset.episode_returns))
+    return {} if target is None else {"target_return": float(target)}
+
+
+class _LossModule(nn.Module):
+    """DDP hooks gradients through forward(); this routes forward to policy.loss."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.policy.loss(batch)
+
+
+def _warmup_factor(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    for key in RESUME_KEYS:
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"the run directory's checkpoint {path} was trained with a different `{key}` "
+                f"({saved.get(key)!r}, now {current.get(key)!r}); resume with the same configuration "
+                "or choose a new hydra.run.dir"
+            )
+
+
+def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """Train (or resume) and evaluate; returns the final evaluation on rank 0."""
+    train_cfg, eval_cfg = cfg["train"], cfg["eval"]
+    if int(train_cfg["steps"]) < 0:
+        raise ValueError(f"train.steps must be >= 0, got {train_cfg['steps']}")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    world = setup_distributed(torch.device("cuda" if torch.cuda.is_available() and cfg["device"] != "cpu" else "cpu"))
+    device = select_device(str(cfg["device"]), world.local_rank)
+    seed_everything(int(cfg["seed"]) + world.rank)
+
+    data = resolve_dataset(cfg["dataset"], cfg.get("env"))
+    task = data.task
+    spec = policy_spec(task)
+    stats = NormStats(data.dataset.obs_mean, data.dataset.obs_std)
+    policy = make_policy(cfg["policy"], spec, stats).to(device)
+    batch_spec = policy.batch_spec
+    sampler = make_sampler(
+        data.dataset,
+        batch_spec.kind,
+        batch_size=int(train_cfg["batch_size"]),
+        context_len=batch_spec.context_len,
+        seed=int(cfg["seed"]),
+        rank=world.rank,
+        world_size=world.world_size,
+        device=str(device),
+    )
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"])
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(int(train_cfg["warmup_steps"])))
+
+    checkpoints_dir = run_dir / "checkpoints"
+    step = 0
+    resume_from = latest_checkpoint(checkpoints_dir)
+    if resume_from is not None:
+        import yaml
+
+        _check_resumable(yaml.safe_load((resume_from / "config.yaml").read_text()), cfg, resume_from)
+        state = load_trainer_state(resume_from)
+        if state is None:
+            raise ValueError(f"checkpoint {resume_from} has no trainer state to resume from")
+        from safetensors.torch import load_file
+
+        policy.load_state_dict(load_file(str(resume_from / "model.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["samplers"][world.rank] if world.rank < len(state["samplers"]) else state["samplers"][0])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        if world.is_main:
+            tqdm.write(f"kinema-train: resuming {run_dir} from step {step} ({resume_from.name})")
+
+    model: nn.Module = _LossModule(policy)
+    if world.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    conditioning = eval_conditioning(cfg, task.name, data)
+    logger = RunLogger(run_dir, resume_step=step if resume_from else None) if world.is_main else None
+    total_steps = int(train_cfg["steps"])
+    grad_clip = train_cfg.get("grad_clip")
+    log_every, checkpoint_every = int(train_cfg["log_every"]), int(train_cfg["checkpoint_every"])
+    eval_every = int(eval_cfg.get("every") or 0)
+
+    def trainer_state() -> dict[str, Any]:
+        sampler_states = [sampler.state_dict()]
+        if world.world_size > 1:
+            gathered: list[Any] = [None] * world.world_size
+            dist.all_gather_object(gathered, sampler.state_dict())
+            sampler_states = gathered
+        return {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "samplers": sampler_states,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def checkpoint() -> None:
+        state = trainer_state()  # collective under DDP: every rank takes part
+        if world.is_main:
+            save_checkpoint(
+                checkpoints_dir / f"step_{step:08d}", policy, cfg, task.name, step, data.reference_returns, state
+            )
+            prune_checkpoints(checkpoints_dir, int(train_cfg["keep_checkpoints"]))
+
+    def run_eval(episodes: int) -> dict[str, Any]:
+        policy.eval()
+        result = evaluate(
+            policy,
+            task.name,
+            episodes=episodes,
+            seed=int(eval_cfg["seed"]),
+            num_envs=eval_cfg.get("num_envs"),
+            conditioning=conditioning,
+            dataset_refs=data.reference_returns,
+        )
+        policy.train()
+        return result.to_dict()
+
+    policy.train()
+    progress = tqdm(
+        total=total_steps, initial=step, desc=f"train {policy.name} on {data.name}", disable=not world.is_main,
+        mininterval=1.0, dynamic_ncols=True,
+    )
+    window_start, window_steps, running = time.perf_counter(), 0, {}
+    while step < total_steps:
+        batch = sampler.sample()
+        loss, metrics = model(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr or check the dataset")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), float(grad_clip) if grad_clip else math.inf)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        window_steps += 1
+        for key, value in {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}.items():
+            running[key] = running.get(key, 0.0) + float(value)
+        progress.update(1)
+
+        if logger and (step % log_every == 0 or step == total_steps):
+            elapsed = time.perf_counter() - window_start
+            row = {f"train/{k}": v / window_steps for k, v in running.items()}
+            row["train/lr"] = scheduler.get_last_lr()[0]
+            row["train/steps_per_s"] = window_steps / max(elapsed, 1e-9)
+            logger.log(step, row)
+            progress.set_postfix(loss=f"{row['train/loss']:.4f}")
+            window_start, window_steps, running = time.perf_counter(), 0, {}
+        if eval_every and step % eval_every == 0 and step < total_steps and world.is_main:
+            result = run_eval(int(eval_cfg.get("episodes_during_training") or eval_cfg["episodes"]))
+            logger.log(step, _eval_row(result))
+            tqdm.write(f"step {step}: {_describe(result)}")
+        if step % checkpoint_every == 0 and step < total_steps:
+            checkpoint()
+    progress.close()
+
+    checkpoint()
+    if not world.is_main:
+        dist.barrier()
+        return None
+    final_dir = save_checkpoint(run_dir / "checkpoint", policy, cfg, task.name, step, data.reference_returns)
+    result = run_eval(int(eval_cfg["episodes"]))
+    result.update(
+        {"task": task.name, "dataset": data.name, "dataset_path": str(data.path), "policy": policy.name,
+         "step": step, "seed": int(cfg["seed"]), "checkpoint": str(final_dir), **conditioning}
+    )
+    logger.log(step, _eval_row(result))
+    logger.close()
+    write_json(run_dir / EVAL_JSON, result)
+    plot_learning_curve(run_dir, f"{policy.name} on {data.name} (seed {cfg['seed']})")
+    if world.world_size > 1:
+        dist.barrier()
+    return result
+
+
+def _eval_row(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("return_mean", "return_std", "normalized_score_mean", "normalized_score_std")
+    return {f"eval/{k}": result.get(k) for k in keys}
+
+
+def _describe(result: dict[str, Any]) -> str:
+    text = f"return {result['return_mean']:.1f} ± {result['return_std']:.1f} over {result['episodes']} episodes"
+    if result.get("normalized_score_mean") is not None:
+        text += (
+            f", normalised score {result['normalized_score_mean']:.1f} ± {result['normalized_score_std']:.1f}"
+            f" ({result.get('reference_source')} references)"
+        )
+    return text
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    os.replace(temporary, path)
