@@ -7,6 +7,7 @@ from typing import Any
 from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, config_from_dict
 
 _REGISTRY: dict[str, type[Policy]] = {}
+FAMILIES = ("bc",)
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
@@ -32,14 +33,11 @@ def make_policy(config: dict[str, Any], spec: PolicySpec, stats: NormStats) -> P
 
 
 def _import_families() -> None:
-    # Imported lazily so `import kinema.policies` stays cheap and registration has one place.
-    from kinema.policies import bc  # noqa: F401
+    # Imported lazily so `import kinema.policies` stays cheap; each family registers itself.
+    import importlib
 
-    try:
-        from kinema.policies import at, dt  # noqa: F401
-    except ImportError as error:  # the transformer families land in their own issue
-        if error.name not in ("kinema.policies.dt", "kinema.policies.at"):
-            raise
+    for family in FAMILIES:
+        importlib.import_module(f"kinema.policies.{family}")
 
 
 __all__ = ["BatchSpec", "NormStats", "Policy", "PolicySpec", "available_policies", "make_policy", "register_policy"]

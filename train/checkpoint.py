@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kinema.policies import NormStats, Policy, PolicySpec, make_policy
@@ -187,7 +187,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     policy = make_policy(config["policy"], spec, stats)
     try:
         weights = load_file(str(directory / WEIGHTS))
-    except (SafetensorsError, OSError) as error:
+    except (SafetensorError, OSError) as error:
         raise CheckpointError(f"checkpoint weights {directory / WEIGHTS} cannot be read: {error}") from error
     expected = set(policy.state_dict())
     absent, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)

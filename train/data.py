@@ -51,4 +51,4 @@ def resolve_dataset(dataset_cfg: dict[str, Any], env: str | None) -> ResolvedDat
     task = get_task(str(task_name))
     obs_dim, act_dim, _, _ = task_spaces(task)
     dataset.validate(obs_dim=obs_dim, act_dim=act_dim)
-    return ResolvedDataset(dataset=dataset, task=task, name=str(dataset_cfg.get("name") or path.stem), path=path)
+    return ResolvedDataset(dataset=dataset, task=task, name=path.stem if dataset_cfg.get("path") else str(dataset_cfg["name"]), path=path)

@@ -8,6 +8,7 @@ gradients are averaged, and only rank 0 logs, evaluates and writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -126,6 +127,11 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         torch.set_num_threads(int(cfg["threads"]))
     world = setup_distributed(torch.device("cuda" if torch.cuda.is_available() and cfg["device"] != "cpu" else "cpu"))
     device = select_device(str(cfg["device"]), world.local_rank)
+    if world.world_size > 1:
+        # Each rank's Hydra picked its own run directory; all must use rank 0's to resume together.
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     seed_everything(int(cfg["seed"]) + world.rank)
 
     data = resolve_dataset(cfg["dataset"], cfg.get("env"))
@@ -164,7 +170,12 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         policy.load_state_dict(load_file(str(resume_from / "model.safetensors")))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["samplers"][world.rank] if world.rank < len(state["samplers"]) else state["samplers"][0])
+        if len(state["samplers"]) != world.world_size:
+            raise ValueError(
+                f"checkpoint {resume_from} was written by {len(state['samplers'])} training process(es); "
+                f"resume it with the same number (now {world.world_size}) so every rank keeps its data shard"
+            )
+        sampler.load_state_dict(state["samplers"][world.rank])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         if world.is_main:
@@ -258,8 +269,10 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     progress.close()
 
     checkpoint()
+    rank_checksums = _gather_parameter_checksums(policy, world)
     if not world.is_main:
         dist.barrier()
+        dist.destroy_process_group()
         return None
     final_dir = save_checkpoint(run_dir / "checkpoint", policy, cfg, task.name, step, data.reference_returns)
     result = run_eval(int(eval_cfg["episodes"]))
@@ -267,13 +280,30 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         {"task": task.name, "dataset": data.name, "dataset_path": str(data.path), "policy": policy.name,
          "step": step, "seed": int(cfg["seed"]), "checkpoint": str(final_dir), **conditioning}
     )
+    if world.world_size > 1:
+        result["ddp"] = {"world_size": world.world_size, "parameter_sha256_per_rank": rank_checksums}
     logger.log(step, _eval_row(result))
     logger.close()
     write_json(run_dir / EVAL_JSON, result)
     plot_learning_curve(run_dir, f"{policy.name} on {data.name} (seed {cfg['seed']})")
     if world.world_size > 1:
         dist.barrier()
+        dist.destroy_process_group()
+        if len(set(rank_checksums)) != 1:
+            raise RuntimeError(f"DDP ranks ended with different parameters: {rank_checksums}")
     return result
+
+
+def _gather_parameter_checksums(policy: Policy, world: Distributed) -> list[str]:
+    """sha256 of every rank's parameters: DDP must leave them bit-identical."""
+    digest = hashlib.sha256()
+    for tensor in policy.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if world.world_size == 1:
+        return [digest.hexdigest()]
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, digest.hexdigest())
+    return gathered
 
 
 def _eval_row(result: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,171 @@
+"""Shared GPT layers: pre-LayerNorm blocks with fused q/k/v, and a KV-cache decoding path.
+
+Two ways through the same weights:
+
+- :meth:`GPT.forward` runs a whole sequence (training, or recomputing a rollout window).
+  ``query_index`` limits the *last* block to the positions a head reads (a Decision
+  Transformer predicts actions from state tokens only), so the other positions' query,
+  attention output and MLP of that block are never computed. ``cache`` stores every
+  block's keys and values so decoding can continue from there.
+- :meth:`GPT.decode` appends a few new tokens per call against a preallocated
+  :class:`KVCache`: one call costs a few tokens' worth of work whatever the context
+  length. It calls the functional ops on the parameters directly (no per-module
+  ``__call__`` overhead), works in eval mode only (no dropout) and returns the hidden
+  state of the last new token only, the one a policy head reads.
+
+All attention goes through :func:`kinema.policies.attention.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinema.policies.attention import attention
+
+
+class KVCache:
+    """Preallocated keys and values: ``data[layer, 0 = key | 1 = value, batch, head, slot, head_dim]``."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, slots: int, head_dim: int, device, dtype=torch.float32):
+        self.data = torch.zeros(n_layers, 2, batch, n_heads, slots, head_dim, device=device, dtype=dtype)
+
+    @property
+    def slots(self) -> int:
+        return self.data.shape[4]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); GELU (tanh form, as GPT-2)."""
+
+    def __init__(self, embed_dim: int, n_heads: int, dropout: float, attention_dropout: float, mlp_ratio: int = 4):
+        super().__init__()
+        if embed_dim % n_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by n_heads ({n_heads})")
+        self.n_heads = n_heads
+        self.head_dim = embed_dim // n_heads
+        self.attention_dropout = attention_dropout
+        self.ln1 = nn.LayerNorm(embed_dim)
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)  # fused: one matmul for q, k and v
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.ln2 = nn.LayerNorm(embed_dim)
+        self.fc = nn.Linear(embed_dim, mlp_ratio * embed_dim)
+        self.fc_out = nn.Linear(mlp_ratio * embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _split_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3D) -> (3, B, H, T, head_dim) as a view."""
+        batch, tokens, _ = qkv.shape
+        return qkv.view(batch, tokens, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        query_index: slice | None = None,
+        kv_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` (B, T, D) -> (B, Tq, D); ``query_index`` picks the Tq positions to compute.
+
+        ``kv_out`` (2, B, H, T, head_dim), when given, receives this block's keys and values.
+        """
+        q, k, v = self._split_heads(self.qkv(self.ln1(x)))
+        if kv_out is not None:
+            kv_out[0].copy_(k)
+            kv_out[1].copy_(v)
+        if query_index is not None:
+            q, x = q[:, :, query_index], x[:, query_index]
+            if mask is not None:
+                mask = mask[..., query_index, :]
+            if causal:  # the explicit mask now carries causality; queries are a subset
+                raise ValueError("query_index needs an explicit mask, not causal=True")
+        dropout_p = self.attention_dropout if self.training else 0.0
+        out = attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(x.shape)
+        x = x + self.dropout(self.proj(out))
+        return x + self.dropout(self.fc_out(F.gelu(self.fc(self.ln2(x)), approximate="tanh")))
+
+
+class GPT(nn.Module):
+    """A stack of pre-LN blocks and a final LayerNorm (positional information comes from the caller)."""
+
+    def __init__(self, embed_dim: int, n_layers: int, n_heads: int, dropout: float = 0.0, attention_dropout: float = 0.0):
+        super().__init__()
+        self.embed_dim, self.n_layers, self.n_heads = embed_dim, n_layers, n_heads
+        self.head_dim = embed_dim // n_heads
+        self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout, attention_dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(embed_dim)
+        self.apply(init_gpt_weights)
+        # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth.
+        for block in self.blocks:
+            for layer in (block.proj, block.fc_out):
+                nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * n_layers))
+
+    def new_cache(self, batch: int, slots: int, device=None, dtype=torch.float32) -> KVCache:
+        device = device if device is not None else self.ln_f.weight.device
+        return KVCache(self.n_layers, batch, self.n_heads, slots, self.head_dim, device, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        query_index: slice | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, Tq, D) after the final LayerNorm.
+
+        ``query_index`` selects the output positions (applied in the last block only);
+        ``cache`` receives every block's keys and values for slots ``0 .. T-1``.
+        """
+        last = self.n_layers - 1
+        tokens = x.shape[1]
+        for index, block in enumerate(self.blocks):
+            kv_out = cache.data[index, :, :, :, :tokens] if cache is not None else None
+            x = block(x, mask, causal, query_index if index == last else None, kv_out)
+        return self.ln_f(x)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, start: int, mask: torch.Tensor) -> torch.Tensor:
+        """Append ``x`` (N, G, D) at cache slots ``start .. start+G-1``; the last token's hidden state (N, D).
+
+        ``mask`` (N, 1, G, slots) bool says which cache slots each new token may attend to
+        (the new tokens themselves included). Eval mode only: no dropout.
+        """
+        batch, new, dim = x.shape
+        heads, head_dim = self.n_heads, self.head_dim
+        stop = start + new
+        last = self.n_layers - 1
+        x = x.reshape(batch * new, dim)
+        for index, block in enumerate(self.blocks):
+            h = F.layer_norm(x, (dim,), block.ln1.weight, block.ln1.bias)
+            qkv = F.linear(h, block.qkv.weight, block.qkv.bias).view(batch, new, 3, heads, head_dim)
+            kv = cache.data[index]
+            kv[:, :, :, start:stop].copy_(qkv[:, :, 1:].permute(2, 0, 3, 1, 4))
+            if index == last:  # only the last token feeds the head
+                q = qkv[:, -1:, 0].transpose(1, 2)
+                out = attention(q, kv[0], kv[1], mask=mask[:, :, -1:])
+                x = x.view(batch, new, dim)[:, -1]
+                new = 1
+            else:
+                q = qkv[:, :, 0].transpose(1, 2)
+                out = attention(q, kv[0], kv[1], mask=mask)
+            x = x + F.linear(out.transpose(1, 2).reshape(batch * new, dim), block.proj.weight, block.proj.bias)
+            h = F.layer_norm(x, (dim,), block.ln2.weight, block.ln2.bias)
+            h = F.gelu(F.linear(h, block.fc.weight, block.fc.bias), approximate="tanh")
+            x = x + F.linear(h, block.fc_out.weight, block.fc_out.bias)
+        return F.layer_norm(x, (dim,), self.ln_f.weight, self.ln_f.bias)
+
+
+def init_gpt_weights(module: nn.Module) -> None:
+    """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
