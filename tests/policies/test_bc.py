@@ -38,7 +38,7 @@ def test_bc_fits_a_linear_expert() -> None:
     torch.manual_seed(0)
     policy = make_policy({"name": "bc", "hidden_dims": [64, 64]}, SPEC, STATS)
     weights = torch.randn(4, 2) * 0.3
-    obs = torch.randn(512, 4) * STATS.obs_std.tolist() + STATS.obs_mean.tolist()
+    obs = torch.randn(512, 4) * torch.from_numpy(STATS.obs_std) + torch.from_numpy(STATS.obs_mean)
     actions = policy.scale_action(torch.tanh(policy.normalize_obs(obs) @ weights))
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
     first = None
