@@ -7,7 +7,7 @@ from typing import Any
 from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, config_from_dict
 
 _REGISTRY: dict[str, type[Policy]] = {}
-FAMILIES = ("bc",)
+FAMILIES = ("bc", "dt", "at")
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:

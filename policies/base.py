@@ -19,8 +19,10 @@ observations are raw, the policy normalises them itself so it can never be skipp
 - ``windows`` (context K): observations (B, K, obs_dim), actions (B, K, act_dim),
   rewards (B, K), returns_to_go (B, K) (unscaled), timesteps (B, K) int64,
   mask (B, K) bool (True = real step; padding is on the left).
-- ``chains`` (context K): as ``windows`` plus completions (B, K) float (the
-  task-completion token of the Agentic Transformer) and trial_index (B, K) int64.
+- ``chains`` (context K): as ``windows`` plus the Agentic Transformer's fields (see
+  ``kinema.datasets.chains``): completions (B, K) float (task-completion token) and
+  final_trial (B, K) bool (step belongs to the chain's best episode); returns_to_go are
+  relabelled to the chain's best return.
 """
 
 from __future__ import annotations
@@ -140,6 +142,13 @@ class Policy(nn.Module):
 
     def observe_reward(self, reward: Any) -> None:
         """Tell a return-conditioned policy the reward of its last action (default: ignored)."""
+
+    def end_episode(self, env_indices: Any) -> None:
+        """Those environments' episodes ended and the next starts in the same slot.
+
+        Stateless policies ignore it; a policy that keeps context must override it, either
+        clearing that context (DT) or carrying it into the next trial (AT).
+        """
 
 
 def config_from_dict(config_class: type, values: dict[str, Any], source: str) -> Any:

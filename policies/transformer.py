@@ -28,14 +28,30 @@ from kinema.policies.attention import attention
 
 
 class KVCache:
-    """Preallocated keys and values: ``data[layer, 0 = key | 1 = value, batch, head, slot, head_dim]``."""
+    """Preallocated keys and values of every block: ``data[layer, batch, slot, 0 = key | 1 = value, head, head_dim]``.
+
+    The per-layer key/value views and the write views are built once, so a decoding step
+    spends no Python time slicing.
+    """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, slots: int, head_dim: int, device, dtype=torch.float32):
-        self.data = torch.zeros(n_layers, 2, batch, n_heads, slots, head_dim, device=device, dtype=dtype)
+        self.data = torch.zeros(n_layers, batch, slots, 2, n_heads, head_dim, device=device, dtype=dtype)
+        # (batch, heads, slots, head_dim) views, as attention takes them
+        self.keys = [self.data[layer, :, :, 0].transpose(1, 2) for layer in range(n_layers)]
+        self.values = [self.data[layer, :, :, 1].transpose(1, 2) for layer in range(n_layers)]
+        self._write_views: dict[tuple[int, int, int], torch.Tensor] = {}
 
     @property
     def slots(self) -> int:
-        return self.data.shape[4]
+        return self.data.shape[2]
+
+    def write_view(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        """(batch, stop - start, 2 * embed_dim) view of slots start..stop-1: keys then values, as a fused qkv lays them out."""
+        key = (layer, start, stop)
+        view = self._write_views.get(key)
+        if view is None:
+            view = self._write_views[key] = self.data[layer, :, start:stop].flatten(2)
+        return view
 
 
 class Block(nn.Module):
@@ -71,12 +87,12 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """``x`` (B, T, D) -> (B, Tq, D); ``query_index`` picks the Tq positions to compute.
 
-        ``kv_out`` (2, B, H, T, head_dim), when given, receives this block's keys and values.
+        ``kv_out`` (B, T, 2D), when given, receives this block's keys and values (a KVCache write view).
         """
-        q, k, v = self._split_heads(self.qkv(self.ln1(x)))
+        qkv = self.qkv(self.ln1(x))
         if kv_out is not None:
-            kv_out[0].copy_(k)
-            kv_out[1].copy_(v)
+            kv_out.copy_(qkv[..., x.shape[-1] :])
+        q, k, v = self._split_heads(qkv)
         if query_index is not None:
             q, x = q[:, :, query_index], x[:, query_index]
             if mask is not None:
@@ -125,39 +141,57 @@ class GPT(nn.Module):
         last = self.n_layers - 1
         tokens = x.shape[1]
         for index, block in enumerate(self.blocks):
-            kv_out = cache.data[index, :, :, :, :tokens] if cache is not None else None
+            kv_out = cache.write_view(index, 0, tokens) if cache is not None else None
             x = block(x, mask, causal, query_index if index == last else None, kv_out)
         return self.ln_f(x)
 
-    def decode(self, x: torch.Tensor, cache: KVCache, start: int, mask: torch.Tensor) -> torch.Tensor:
+    def decode_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """The parameters :meth:`decode` reads, bound once per rollout (the same tensors, so updates show)."""
+        return [
+            (b.ln1.weight, b.ln1.bias, b.qkv.weight, b.qkv.bias, b.proj.weight, b.proj.bias,
+             b.ln2.weight, b.ln2.bias, b.fc.weight, b.fc.bias, b.fc_out.weight, b.fc_out.bias)
+            for b in self.blocks
+        ] + [(self.ln_f.weight, self.ln_f.bias)]
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        mask: torch.Tensor,
+        last_mask: torch.Tensor,
+        weights: list[tuple[torch.Tensor, ...]] | None = None,
+    ) -> torch.Tensor:
         """Append ``x`` (N, G, D) at cache slots ``start .. start+G-1``; the last token's hidden state (N, D).
 
-        ``mask`` (N, 1, G, slots) bool says which cache slots each new token may attend to
-        (the new tokens themselves included). Eval mode only: no dropout.
+        ``mask`` (N, 1, G, slots) bool says which slots each new token may attend to (the new
+        tokens included); ``last_mask`` (N, 1, 1, slots) is the last token's row, the only
+        query of the last block. ``weights`` is :meth:`decode_weights` (bound by the caller
+        to save the module attribute lookups). Eval mode only: no dropout.
         """
         batch, new, dim = x.shape
         heads, head_dim = self.n_heads, self.head_dim
         stop = start + new
-        last = self.n_layers - 1
+        if weights is None:
+            weights = self.decode_weights()
+        last = len(weights) - 2
         x = x.reshape(batch * new, dim)
-        for index, block in enumerate(self.blocks):
-            h = F.layer_norm(x, (dim,), block.ln1.weight, block.ln1.bias)
-            qkv = F.linear(h, block.qkv.weight, block.qkv.bias).view(batch, new, 3, heads, head_dim)
-            kv = cache.data[index]
-            kv[:, :, :, start:stop].copy_(qkv[:, :, 1:].permute(2, 0, 3, 1, 4))
+        for index in range(last + 1):
+            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = weights[index]
+            qkv = F.linear(torch.layer_norm(x, (dim,), ln1_w, ln1_b), qkv_w, qkv_b).view(batch, new, 3 * dim)
+            q, kv = qkv.split((dim, 2 * dim), dim=2)
+            cache.write_view(index, start, stop).copy_(kv)
             if index == last:  # only the last token feeds the head
-                q = qkv[:, -1:, 0].transpose(1, 2)
-                out = attention(q, kv[0], kv[1], mask=mask[:, :, -1:])
+                q = q[:, -1:].view(batch, 1, heads, head_dim).transpose(1, 2)
+                out = attention(q, cache.keys[index], cache.values[index], mask=last_mask)
                 x = x.view(batch, new, dim)[:, -1]
-                new = 1
             else:
-                q = qkv[:, :, 0].transpose(1, 2)
-                out = attention(q, kv[0], kv[1], mask=mask)
-            x = x + F.linear(out.transpose(1, 2).reshape(batch * new, dim), block.proj.weight, block.proj.bias)
-            h = F.layer_norm(x, (dim,), block.ln2.weight, block.ln2.bias)
-            h = F.gelu(F.linear(h, block.fc.weight, block.fc.bias), approximate="tanh")
-            x = x + F.linear(h, block.fc_out.weight, block.fc_out.bias)
-        return F.layer_norm(x, (dim,), self.ln_f.weight, self.ln_f.bias)
+                q = q.view(batch, new, heads, head_dim).transpose(1, 2)
+                out = attention(q, cache.keys[index], cache.values[index], mask=mask)
+            x = x + F.linear(out.transpose(1, 2).reshape(x.shape), proj_w, proj_b)
+            h = F.gelu(F.linear(torch.layer_norm(x, (dim,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh")
+            x = x + F.linear(h, out_w, out_b)
+        return torch.layer_norm(x, (dim,), *weights[-1])
 
 
 def init_gpt_weights(module: nn.Module) -> None:

@@ -14,8 +14,8 @@ from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, report_user_errors,
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=HYDRA_VERSION_BASE)
 @report_user_errors("kinema-eval")
 def main(cfg: DictConfig) -> float | None:
-    from kinema.envs import evaluate
     from kinema.train.checkpoint import load_checkpoint
+    from kinema.train.evaluation import run_evaluation
     from kinema.train.trainer import _describe, eval_conditioning, select_device, write_json
 
     settings = to_plain(cfg)
@@ -28,17 +28,9 @@ def main(cfg: DictConfig) -> float | None:
     conditioning = eval_conditioning({"eval": trained_eval}, loaded.task, None)
     video = run_dir / "episode.mp4" if settings.get("video") else None
     loaded.policy.eval()
-    result = evaluate(
-        loaded.policy,
-        loaded.task,
-        episodes=int(trained_eval["episodes"]),
-        seed=int(trained_eval["seed"]),
-        num_envs=trained_eval.get("num_envs"),
-        conditioning=conditioning,
-        dataset_refs=loaded.dataset_refs,
-        video_path=video,
-        progress=True,
-    ).to_dict()
+    result = run_evaluation(
+        loaded.policy, loaded.task, trained_eval, conditioning, loaded.dataset_refs, video_path=video, progress=True
+    )
     result.update(
         {"task": loaded.task, "policy": loaded.policy.name, "step": loaded.step, "checkpoint": str(loaded.path),
          **conditioning, **({"video": str(video)} if video else {})}

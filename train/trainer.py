@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kinema.datasets import make_sampler
-from kinema.envs import evaluate, task_spaces
+from kinema.envs import task_spaces
 from kinema.policies import NormStats, Policy, PolicySpec, make_policy
 from kinema.train.checkpoint import (
     latest_checkpoint,
@@ -34,6 +34,7 @@ from kinema.train.checkpoint import (
     save_checkpoint,
 )
 from kinema.train.data import ResolvedDataset, resolve_dataset
+from kinema.train.evaluation import run_evaluation
 from kinema.train.metrics import RunLogger, plot_learning_curve
 
 EVAL_JSON = "eval.json"
@@ -218,17 +219,9 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
 
     def run_eval(episodes: int) -> dict[str, Any]:
         policy.eval()
-        result = evaluate(
-            policy,
-            task.name,
-            episodes=episodes,
-            seed=int(eval_cfg["seed"]),
-            num_envs=eval_cfg.get("num_envs"),
-            conditioning=conditioning,
-            dataset_refs=data.reference_returns,
-        )
+        result = run_evaluation(policy, task.name, {**eval_cfg, "episodes": episodes}, conditioning, data.reference_returns)
         policy.train()
-        return result.to_dict()
+        return result
 
     policy.train()
     progress = tqdm(
@@ -317,6 +310,12 @@ def _describe(result: dict[str, Any]) -> str:
         text += (
             f", normalised score {result['normalized_score_mean']:.1f} ± {result['normalized_score_std']:.1f}"
             f" ({result.get('reference_source')} references)"
+        )
+    trials = result.get("trials")
+    if trials and trials.get("last_trial_score_mean") is not None:
+        text += (
+            f"; over {trials['trials']} trials per context: first {trials['first_trial_score_mean']:.1f}, "
+            f"last {trials['last_trial_score_mean']:.1f}, best-of-{trials['trials']} {trials['best_of_n_score_mean']:.1f}"
         )
     return text
 

@@ -1,0 +1,144 @@
+"""Chain-of-hindsight windows for the Agentic Transformer (batch kind ``chains``).
+
+One sample:
+
+1. draw a chain length c uniformly in 1..max_chain_len and c distinct episodes from this
+   rank's shard, each in proportion to its length (as DT windows weigh episodes);
+2. sort the c episodes by ascending total return and lay them end to end;
+3. relabel every episode's target to the chain's maximum return R_max: the
+   return-to-go at step t of episode i is R_max minus what episode i collected before t;
+4. cut a window of K = context_len steps ending at a uniformly drawn step of the chain,
+   padded on the left (``mask`` False) when it starts before the chain does.
+
+Besides the ``windows`` keys (observations, actions, rewards, returns_to_go — relabelled
+and unscaled — timesteps restarting at 0 in each episode, mask) a batch holds:
+
+- ``completions`` (B, K) float: 1 from the first step at which the episode's cumulative
+  reward (through that step) reaches R_max, else 0 (sticky, so negative rewards later do
+  not clear it); only the best episode of a chain — and ties — ever reach it;
+- ``trial_index`` (B, K) int64: the episode's place in the chain (0 = lowest return);
+- ``final_trial`` (B, K) bool: the step belongs to the chain's last (best) episode.
+
+Padded steps are zero everywhere (``final_trial`` False). All of it is vectorised numpy
+over the batch; only the one-off prefix maximum at construction loops over episodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .samplers import EpisodeSampler, register_sampler
+from .store import OfflineDataset
+
+MAX_REDRAWS = 10
+
+
+class ChainSampler(EpisodeSampler):
+    kind = "chains"
+
+    def __init__(
+        self,
+        dataset: OfflineDataset,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        context_len: int = 20,
+        max_chain_len: int = 4,
+    ):
+        if isinstance(max_chain_len, bool) or not isinstance(max_chain_len, (int, np.integer)) or max_chain_len < 1:
+            raise ValueError(f"chains sampler: max_chain_len must be a positive integer, got {max_chain_len!r}")
+        super().__init__(dataset, batch_size, seed, rank, world_size, device, context_len)
+        self.max_chain_len = int(max_chain_len)
+        rewards = dataset.rewards.astype(np.float64)
+        total = np.cumsum(rewards)
+        before_episode = (total - rewards)[dataset.episode_starts]
+        # Reward collected in the episode up to and including each step (float64).
+        self.cumulative = total - before_episode[dataset.episode_index]
+        # Episode returns taken from the same numbers, so the best episode's last step equals R_max exactly.
+        self.episode_return = self.cumulative[dataset.episode_ends - 1]
+        self.prefix_max = np.empty_like(self.cumulative)
+        for start, end in zip(dataset.episode_starts, dataset.episode_ends):
+            np.maximum.accumulate(self.cumulative[start:end], out=self.prefix_max[start:end])
+
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "max_chain_len": self.max_chain_len}
+
+    def _draw_episodes(self, shape) -> np.ndarray:
+        """Episodes of this rank's shard, each drawn in proportion to its length."""
+        return self.dataset.episode_index[self.shard_steps[self.rng.integers(0, len(self.shard_steps), size=shape)]]
+
+    def chain_steps(self) -> dict[str, np.ndarray]:
+        """Index arrays of one batch: steps, mask, trial, chain_len, r_max (all numpy)."""
+        data, rng = self.dataset, self.rng
+        batch, k, m = self.batch_size, self.context_len, self.max_chain_len
+        chain_len = np.minimum(rng.integers(1, m + 1, size=batch), len(self.shard_episodes))
+        used = np.arange(m)[None, :] < chain_len[:, None]
+        episodes = self._draw_episodes((batch, m))
+        # Distinct episodes per chain: redraw repeats a few times, then drop any left (tiny datasets only).
+        for _ in range(MAX_REDRAWS):
+            repeated = _repeats(episodes, used)
+            if not repeated.any():
+                break
+            episodes[repeated] = self._draw_episodes(int(repeated.sum()))
+        used &= ~_repeats(episodes, used)
+        chain_len = used.sum(axis=1)
+        returns = np.where(used, self.episode_return[episodes], np.inf)  # unused slots sort last
+        order = np.argsort(returns, axis=1, kind="stable")
+        episodes = np.take_along_axis(episodes, order, axis=1)
+        returns = np.take_along_axis(returns, order, axis=1)
+        used = np.arange(m)[None, :] < chain_len[:, None]  # the used slots now come first
+        lengths = np.where(used, data.episode_lengths[episodes], 0)
+        offsets = np.cumsum(lengths, axis=1) - lengths  # unused slots start at the chain's end
+        chain_steps = lengths.sum(axis=1)
+        r_max = returns[np.arange(batch), chain_len - 1]
+
+        end = rng.integers(0, chain_steps)
+        position = end[:, None] + np.arange(k)[None, :] - (k - 1)
+        mask = position >= 0
+        position = np.maximum(position, 0)
+        trial = (position[:, :, None] >= offsets[:, None, :]).sum(axis=2) - 1
+        local = position - np.take_along_axis(offsets, trial, axis=1)
+        steps = data.episode_starts[np.take_along_axis(episodes, trial, axis=1)] + local
+        return {"steps": steps, "mask": mask, "trial": trial, "chain_len": chain_len, "r_max": r_max}
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        index = self.chain_steps()
+        steps, mask, trial, r_max = index["steps"], index["mask"], index["trial"], index["r_max"]
+        data = self.dataset
+        padding = ~mask
+
+        def padded(values: np.ndarray) -> np.ndarray:
+            values[padding] = 0
+            return values
+
+        rewards = data.rewards[steps]
+        collected_before = self.cumulative[steps] - rewards
+        returns_to_go = (r_max[:, None] - collected_before).astype(np.float32)
+        completions = (self.prefix_max[steps] >= r_max[:, None]).astype(np.float32)
+        final_trial = (trial == (index["chain_len"] - 1)[:, None]) & mask
+        return {
+            "observations": self.to_tensor(padded(data.observations[steps])),
+            "actions": self.to_tensor(padded(data.actions[steps])),
+            "rewards": self.to_tensor(padded(rewards)),
+            "returns_to_go": self.to_tensor(padded(returns_to_go)),
+            "timesteps": self.to_tensor(padded(data.timesteps[steps])),
+            "mask": self.to_tensor(mask),
+            "completions": self.to_tensor(padded(completions)),
+            "trial_index": self.to_tensor(padded(trial.astype(np.int64))),
+            "final_trial": self.to_tensor(final_trial),
+        }
+
+
+def _repeats(episodes: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """(B, M) True where a used slot repeats the episode of an earlier used slot."""
+    same = (episodes[:, :, None] == episodes[:, None, :]) & used[:, :, None] & used[:, None, :]
+    earlier = np.tri(episodes.shape[1], k=-1, dtype=bool)  # [j, i] True for i < j
+    return (same & earlier).any(axis=2)
+
+
+register_sampler(ChainSampler.kind, ChainSampler)

@@ -1,0 +1,453 @@
+"""Decision Transformer (Chen et al. 2021) with batched, incrementally decoded rollouts.
+
+Recipe (kzl/decision-transformer and CORL; see BENCHMARKS.md): K = 20 steps of context,
+3 pre-LN GPT blocks of 128 dims with 1 head, dropout 0.1, a learned timestep embedding
+added to every token (no positional embedding), returns-to-go scaled by 1/1000,
+observations normalised by the dataset's mean/std, a tanh action head. Evaluation
+targets: ``DT_TARGET_RETURNS`` (hopper 3600/1800, halfcheetah 12000/6000, walker2d
+5000/2500); the trainer passes one with ``reset(num_envs, target_return=...)``.
+
+Tokens. Step t contributes (return-to-go R_t, state s_t, action a_t), DT's order. They
+are grouped per step as ``[a_{t-1}, R_t, s_t]`` so that one rollout step appends one
+contiguous group of three tokens, all known when a_t is chosen. Attention is causal
+over tokens, so every prediction sees exactly what DT's (R, s, a) sequence shows it: the
+window's first group has no previous action (that slot is masked, as is any padding),
+and the last action a_{t+K-1}, which nothing reads, is never fed. Actions, in the
+model's input and in the loss, live in the unit box [-1, 1] (``Policy.unscale_action``).
+
+Loss: mean squared error of the tanh head on the state tokens, averaged over real
+(unpadded) steps only, not CORL's ``(mse * mask).mean()`` that also divides by padding.
+Only the state tokens are computed in the last block unless an auxiliary head
+(``predict_state`` / ``predict_return``, off by default, read from the action tokens as
+in DT) needs the others. ``precision="bf16"`` runs the training forward under bf16
+autocast (about 1.7x faster on CPUs with AVX512-BF16, slower on CPUs without it, hence
+off by default); errors, means and rollouts stay fp32.
+
+Rollouts. ``reset(N, target_return=...)`` starts N contexts; ``act(obs (N, obs_dim))``
+appends one group per environment and returns N actions; ``observe_reward(rewards)``
+lowers each return-to-go; ``end_episode(env_indices)`` restarts those contexts (used by
+multi-trial evaluation). Call ``reset`` again after moving the policy to another device.
+
+Keys and values live in a preallocated cache of K groups used as a ring; a step costs
+one group's worth of work while that is exact, i.e. while every context still holds its
+whole episode (at most K steps). Once a context must slide, every token's hidden state
+changes (deeper layers saw the dropped step), so the window is recomputed from the
+cached token embeddings in one batched forward that also refills the cache: exact DT,
+the default. ``attention_window = W`` (0 = off) instead trains with a banded mask (each
+token sees only the tokens of the last W steps) and decodes forever through a ring of W
+groups with no recompute; the stream then equals a banded forward over the whole
+episode, and the last steps of training windows once K >= n_layers * (W - 1) + 2 (the
+receptive field, clear of the window's first group).
+W = K trains exactly like DT but lets deeper layers see up to n_layers * K steps at test
+time; W = 7 (K = 20, 3 layers) keeps test time identical to training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinema.policies import register_policy
+from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec
+from kinema.policies.transformer import GPT, init_gpt_weights
+
+# Evaluation targets of the DT paper (unscaled returns): (high, low) per task.
+DT_TARGET_RETURNS: dict[str, tuple[float, float]] = {
+    "hopper": (3600.0, 1800.0),
+    "halfcheetah": (12000.0, 6000.0),
+    "walker2d": (5000.0, 2500.0),
+}
+
+TOKENS_PER_STEP = 3  # [previous action, return-to-go, state]
+PRECISIONS = ("fp32", "bf16")
+WINDOW_KEYS = ("observations", "actions", "returns_to_go", "timesteps", "mask")
+ACTION_SLOT, RETURN_SLOT, STATE_SLOT = 0, 1, 2
+
+
+@dataclass
+class DTConfig:
+    context_len: int = 20
+    embed_dim: int = 128
+    n_layers: int = 3
+    n_heads: int = 1
+    dropout: float = 0.1  # embeddings and residual branches
+    attention_dropout: float = 0.1
+    max_timestep: int = 1000  # timestep embedding rows; later steps reuse the last row
+    rtg_scale: float = 1000.0  # returns-to-go are divided by this before embedding
+    target_return: float | None = None  # default evaluation target; reset(target_return=...) overrides
+    attention_window: int = 0  # steps each token sees; 0 = the whole context (DT)
+    predict_state: bool = False
+    predict_return: bool = False
+    precision: str = "fp32"  # "bf16": the training forward runs under bf16 autocast (rollouts stay fp32)
+
+    def __post_init__(self) -> None:
+        for name in ("context_len", "embed_dim", "n_layers", "n_heads", "max_timestep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.embed_dim % self.n_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.rtg_scale > 0:
+            raise ValueError(f"rtg_scale must be positive, got {self.rtg_scale}")
+        if not 0 <= self.attention_window <= self.context_len:
+            raise ValueError(f"attention_window must be in [0, context_len={self.context_len}], got {self.attention_window}")
+        if self.target_return is not None:
+            self.target_return = float(self.target_return)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def step_attention_mask(steps: int, window: int, device=None) -> torch.Tensor:
+    """(3*steps, 3*steps) bool: causal over tokens, and within ``window`` steps when window > 0."""
+    token = torch.arange(TOKENS_PER_STEP * steps, device=device)
+    step = token // TOKENS_PER_STEP
+    allowed = token[None, :] <= token[:, None]
+    if window > 0:
+        allowed &= (step[:, None] - step[None, :]) < window
+    return allowed
+
+
+@register_policy
+class DecisionTransformer(Policy):
+    name = "dt"
+    config_class = DTConfig
+
+    def __init__(self, config: DTConfig, spec: PolicySpec, stats: NormStats):
+        super().__init__(config, spec, stats)
+        dim = config.embed_dim
+        self.embed_action = nn.Linear(self.action_features, dim)
+        self.embed_return = nn.Linear(1, dim)
+        self.embed_state = nn.Linear(spec.obs_dim, dim)
+        self.embed_timestep = nn.Embedding(config.max_timestep, dim)
+        self.embed_norm = nn.LayerNorm(dim)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.transformer = GPT(dim, config.n_layers, config.n_heads, config.dropout, config.attention_dropout)
+        self.action_head = nn.Linear(dim, spec.act_dim)
+        self.state_head = nn.Linear(dim, spec.obs_dim) if config.predict_state else None
+        self.return_head = nn.Linear(dim, 1) if config.predict_return else None
+        for module in (self.embed_action, self.embed_return, self.embed_state, self.embed_timestep, self.embed_norm,
+                       self.action_head, self.state_head, self.return_head):
+            if module is not None:
+                init_gpt_weights(module)
+        window = config.attention_window
+        self.register_buffer("train_mask", step_attention_mask(config.context_len, window), persistent=False)
+        # Rollouts: cached decoding can be switched off (benchmarks, tests) without touching the config.
+        self.use_kv_cache = True
+
+    # -- what the tokens carry (the Agentic Transformer extends these) ---------------------
+    @property
+    def action_features(self) -> int:
+        return self.spec.act_dim
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        return BatchSpec("windows", self.config.context_len)
+
+    def _window_features(self, batch: dict[str, torch.Tensor], unit_actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features of each step's action token (B, K, F), returns-to-go feature (B, K, 1))."""
+        return unit_actions, (batch["returns_to_go"] / self.config.rtg_scale).unsqueeze(-1)
+
+    def _loss_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["mask"]
+
+    # -- training ----------------------------------------------------------------------
+    def _embed(self, action_feats, return_feats, states, action_times, times) -> torch.Tensor:
+        """Token embeddings (..., 3, D) for groups [a_{t-1}, R_t, s_t]; inputs (..., F) per group."""
+        tokens = torch.stack(
+            (self.embed_action(action_feats), self.embed_return(return_feats), self.embed_state(states)), dim=-2
+        )
+        limit = self.config.max_timestep - 1
+        time_index = torch.stack((action_times, times, times), dim=-1).clamp(0, limit)
+        return self.embed_norm(tokens + self.embed_timestep(time_index))
+
+    def _forward(self, batch: dict[str, torch.Tensor], all_tokens: bool) -> dict[str, torch.Tensor]:
+        """Hidden states of a batch of windows (any length; padding on the left)."""
+        missing = [key for key in WINDOW_KEYS if key not in batch]
+        if missing:
+            raise ValueError(
+                f"{self.name}: the batch lacks {missing}; expected a '{self.batch_spec.kind}' batch with {list(WINDOW_KEYS)}"
+            )
+        mask = batch["mask"].bool()
+        batch_size, steps = mask.shape
+        unit_actions = self.unscale_action(batch["actions"]).clamp(-1.0, 1.0)
+        action_feats, return_feats = self._window_features(batch, unit_actions)
+        # Group t holds the previous step's action token; the first group has none.
+        previous = torch.cat((torch.zeros_like(action_feats[:, :1]), action_feats[:, :-1]), dim=1)
+        times = batch["timesteps"].long()
+        previous_times = torch.cat((times[:, :1], times[:, :-1]), dim=1)
+        states = self.normalize_obs(batch["observations"])
+        tokens = self._embed(previous, return_feats, states, previous_times, times)
+        # Padding is on the left, so the previous action exists where both steps are real.
+        has_previous = torch.cat((torch.zeros_like(mask[:, :1]), mask[:, :-1]), dim=1) & mask
+        valid = torch.stack((has_previous, mask, mask), dim=-1).reshape(batch_size, TOKENS_PER_STEP * steps)
+        # Zero padded tokens so no value there (even NaN) can reach the attention sums.
+        tokens = tokens.reshape(batch_size, TOKENS_PER_STEP * steps, -1) * valid.unsqueeze(-1)
+        query = None if all_tokens else slice(STATE_SLOT, None, TOKENS_PER_STEP)
+        hidden = self.transformer(self.embed_dropout(tokens), self._attention_mask(valid), query_index=query)
+        out = {"unit_actions": unit_actions, "states": states, "return_feats": return_feats, "has_previous": has_previous}
+        if all_tokens:
+            hidden = hidden.view(batch_size, steps, TOKENS_PER_STEP, -1)
+            out["state_hidden"], out["action_hidden"] = hidden[:, :, STATE_SLOT], hidden[:, :, ACTION_SLOT]
+        else:
+            out["state_hidden"] = hidden
+        return out
+
+    def predict_actions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unit-box actions (B, K, act_dim) the model predicts at every step of a batch of windows."""
+        return torch.tanh(self.action_head(self._forward(batch, all_tokens=False)["state_hidden"]))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        steps = batch["mask"].shape[1] if "mask" in batch else self.config.context_len
+        if steps != self.config.context_len:
+            raise ValueError(
+                f"{self.name} loss: batch has windows of {steps} steps, "
+                f"the model was built for context_len={self.config.context_len}"
+            )
+        need_all = self.state_head is not None or self.return_head is not None
+        # fp32 enters no autocast context at all, so a caller's own autocast still applies.
+        bf16 = self.config.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = self._forward(batch, all_tokens=need_all)
+            predicted = torch.tanh(self.action_head(out["state_hidden"]))
+            predicted_states = self.state_head(out["action_hidden"]) if self.state_head is not None else None
+            predicted_returns = self.return_head(out["action_hidden"]) if self.return_head is not None else None
+        # Errors and means in fp32 whatever the forward's precision.
+        unit_actions = out["unit_actions"]
+        loss_mask = self._loss_mask(batch).to(unit_actions.dtype)
+        action_mse = _masked_mean((predicted.float() - unit_actions).pow(2).mean(-1), loss_mask)
+        total, metrics = action_mse, {"action_mse": action_mse.item()}
+        # Auxiliary heads read a_{t-1}'s token (group t) and predict s_t and R_t, as DT does from a's token.
+        aux_mask = out["has_previous"].to(unit_actions.dtype)
+        if predicted_states is not None:
+            state_mse = _masked_mean((predicted_states.float() - out["states"]).pow(2).mean(-1), aux_mask)
+            total = total + state_mse
+            metrics["state_mse"] = state_mse.item()
+        if predicted_returns is not None:
+            return_error = (predicted_returns.float() - out["return_feats"]).pow(2).squeeze(-1)
+            return_mse = _masked_mean(return_error, aux_mask)
+            total = total + return_mse
+            metrics["return_mse"] = return_mse.item()
+        return total, metrics
+
+    def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, T): causal/banded and real keys only; the diagonal stays open so no row is empty."""
+        tokens = valid.shape[1]
+        allowed = self.train_mask
+        if tokens > allowed.shape[0]:  # longer than training windows (reference computations)
+            allowed = step_attention_mask(tokens // TOKENS_PER_STEP, self.config.attention_window, valid.device)
+        mask = allowed[:tokens, :tokens] & valid[:, None, None, :]
+        return mask | torch.eye(tokens, dtype=torch.bool, device=valid.device)
+
+    # -- rollouts ------------------------------------------------------------------------
+    def reset(self, num_envs: int, target_return: float | Sequence[float] | None = None, **conditioning: Any) -> None:
+        """Start ``num_envs`` empty contexts, each aiming at its target return (a number or one per environment)."""
+        if conditioning:
+            raise ValueError(f"{self.name}.reset: unknown conditioning {sorted(conditioning)}; it accepts target_return")
+        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if target_return is None:
+            target_return = self.config.target_return
+        if target_return is None:
+            raise ValueError(
+                f"{self.name}.reset: no target return; pass reset(num_envs, target_return=...) or set the policy "
+                f"config's target_return (DT's: {DT_TARGET_RETURNS})"
+            )
+        try:
+            targets = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (int(num_envs),)).copy()
+        except ValueError as error:
+            raise ValueError(
+                f"{self.name}.reset: target_return must be a number or {num_envs} numbers, got {target_return}"
+            ) from error
+        if not np.isfinite(targets).all():
+            raise ValueError(f"{self.name}.reset: target_return must be finite, got {target_return}")
+        if self.config.attention_window and not self.use_kv_cache:
+            raise ValueError(
+                f"{self.name}: a policy trained with attention_window decodes with its KV cache only "
+                "(a recomputed window is not what it was trained to see); set use_kv_cache = True"
+            )
+        self._rollout = _Rollout(self, int(num_envs), targets)
+
+    @property
+    def _num_envs(self) -> int:
+        rollout = self.__dict__.get("_rollout")
+        return 0 if rollout is None else rollout.num_envs
+
+    def observe_reward(self, reward: Any) -> None:
+        rewards = self._check_per_env(reward, "observe_reward")
+        state = self._rollout
+        state.returns_to_go -= rewards
+        state.return_feature[:] = state.returns_to_go / self.config.rtg_scale
+
+    def end_episode(self, env_indices: Any) -> None:
+        """The episode of these environments ended: start their contexts afresh (DT plays one trial per context)."""
+        index = self._check_env_indices(env_indices)
+        state = self._rollout
+        self._restart_trial(index)
+        state.context_steps[index] = 0
+        state.key_valid[torch.as_tensor(index, device=state.key_valid.device)] = False
+
+    def _restart_trial(self, index: np.ndarray) -> None:
+        state = self._rollout
+        state.returns_to_go[index] = state.targets[index]
+        state.return_feature[index] = state.targets[index] / self.config.rtg_scale
+        state.times[index, 1:] = 0
+
+    def _record_action(self, unit_action: torch.Tensor) -> None:
+        self._rollout.previous_feats[:, : self.spec.act_dim] = unit_action.cpu().numpy()
+
+    @torch.no_grad()
+    def act(self, observation: Any) -> torch.Tensor:
+        """Actions (N, act_dim) in the action box for observations (N, obs_dim), one group appended per context."""
+        state = self.__dict__.get("_rollout")
+        if state is None:
+            raise RuntimeError(f"{self.name}.act called before reset(num_envs)")
+        obs = self.as_observation_tensor(observation)
+        n = state.num_envs
+        if obs.shape[0] != n:
+            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={n})")
+        np.minimum(state.times, self.config.max_timestep - 1, out=state.clamped_times)
+        group = state.embed_group(self.normalize_obs(obs))  # (N, 3, D)
+        j = state.write_group
+        start, stop = TOKENS_PER_STEP * j, TOKENS_PER_STEP * (j + 1)
+        state.token_views[j].copy_(group)
+        state.slot_pattern[:, ACTION_SLOT] = state.context_steps > 0
+        state.valid_views[j].copy_(state.slot_pattern_t)
+
+        if self.config.attention_window or (self.use_kv_cache and state.context_steps.max() < state.groups):
+            key_valid = state.key_valid
+            mask = (key_valid.unsqueeze(1) & state.decode_allowed[j]) | state.decode_self[j]
+            hidden = self.transformer.decode(
+                group, state.cache, start, mask.unsqueeze(1), key_valid.view(n, 1, 1, -1), state.weights
+            )
+            state.write_group = (j + 1) % state.groups
+        else:
+            hidden = self._recompute_window(j)
+        np.minimum(state.context_steps + 1, state.groups, out=state.context_steps)
+
+        unit_action = torch.tanh(F.linear(hidden, *state.head))
+        self._record_action(unit_action)
+        state.times[:, 0] = state.times[:, 1]
+        state.times[:, 1:] += 1
+        return torch.addcmul(state.action_mid, unit_action, state.action_half)
+
+    def _recompute_window(self, newest_group: int) -> torch.Tensor:
+        """Run the whole window (oldest group first) and rebuild the cache from it; the newest state token's hidden state."""
+        state, device = self._rollout, self.device
+        groups = state.groups
+        oldest = (newest_group + 1) % groups
+        # A full context drops its oldest step now: that step's group loses its previous-action token.
+        full = torch.from_numpy(state.context_steps + 1 >= groups).to(device)
+        action_slot = TOKENS_PER_STEP * oldest + ACTION_SLOT
+        state.key_valid[:, action_slot] &= ~full
+        order = (torch.arange(groups, device=device) + oldest) % groups
+        slots = (order[:, None] * TOKENS_PER_STEP + torch.arange(TOKENS_PER_STEP, device=device)).reshape(-1)
+        tokens = state.tokens[:, slots]
+        valid = state.key_valid[:, slots]
+        hidden = self.transformer(tokens, self._attention_mask(valid), query_index=slice(-1, None), cache=state.cache)
+        # The ring now starts at the oldest group.
+        state.tokens.copy_(tokens)
+        state.key_valid.copy_(valid)
+        state.write_group = 0
+        return hidden[:, 0]
+
+    def _check_per_env(self, values: Any, what: str) -> np.ndarray:
+        n = self._num_envs
+        if n == 0:
+            raise RuntimeError(f"{self.name}.{what} called before reset(num_envs)")
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        if array.shape != (n,):
+            raise ValueError(f"{self.name}.{what} expects {n} values (one per environment), got shape {np.shape(values)}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{self.name}.{what} received a non-finite value: {array.tolist()}")
+        return array
+
+    def _check_env_indices(self, env_indices: Any) -> np.ndarray:
+        n = self._num_envs
+        if n == 0:
+            raise RuntimeError(f"{self.name}.end_episode called before reset(num_envs)")
+        index = np.asarray(env_indices, dtype=np.int64).reshape(-1)
+        if len(index) and (index.min() < 0 or index.max() >= n):
+            raise ValueError(f"{self.name}.end_episode: environment indices {index.tolist()} out of range 0..{n - 1}")
+        return index
+
+
+class _Rollout:
+    """Everything one batched rollout keeps (a plain object: nn.Module attribute access is slow per step).
+
+    Host (numpy) side: targets, returns-to-go, the next group's input features and timesteps,
+    how many groups each context holds. Device side: the ring of token embeddings and key
+    validity, the KV cache, masks per ring position, and the weights bound for decoding.
+    """
+
+    def __init__(self, policy: DecisionTransformer, num_envs: int, targets: np.ndarray):
+        config, device, dim = policy.config, policy.device, policy.config.embed_dim
+        n = self.num_envs = num_envs
+        groups = self.groups = config.attention_window or config.context_len  # ring of cached step groups
+        slots = TOKENS_PER_STEP * groups
+        self.targets = targets
+        self.returns_to_go = targets.copy()
+        self.write_group = 0
+        self.context_steps = np.zeros(n, dtype=np.int64)  # groups in each context, at most `groups`
+        # Next group's host inputs, one row per env: [previous action features..., return-to-go / scale].
+        features = policy.action_features
+        self.host_input = np.zeros((n, features + 1), dtype=np.float32)
+        self.previous_feats = self.host_input[:, :features]
+        self.return_feature = self.host_input[:, features]
+        self.return_feature[:] = targets / config.rtg_scale
+        self.times = np.zeros((n, TOKENS_PER_STEP), dtype=np.int64)  # [t - 1, t, t] per env
+        self.clamped_times = np.zeros_like(self.times)
+        self.slot_pattern = np.ones((n, TOKENS_PER_STEP), dtype=bool)
+        self.host_input_t = torch.from_numpy(self.host_input)  # share memory with the numpy buffers
+        self.clamped_times_t = torch.from_numpy(self.clamped_times)
+        self.slot_pattern_t = torch.from_numpy(self.slot_pattern)
+
+        self.tokens = torch.zeros(n, slots, dim, device=device)  # token embeddings, for recomputes
+        self.key_valid = torch.zeros(n, slots, dtype=torch.bool, device=device)
+        self.token_views = [self.tokens[:, 3 * j : 3 * j + 3] for j in range(groups)]
+        self.valid_views = [self.key_valid[:, 3 * j : 3 * j + 3] for j in range(groups)]
+        self.cache = policy.transformer.new_cache(n, slots, device)
+        # Per ring position j: what the new group's tokens may see besides valid keys.
+        slot = torch.arange(slots, device=device)
+        query = torch.arange(TOKENS_PER_STEP, device=device)[:, None]
+        self.decode_allowed, self.decode_self = [], []
+        for j in range(groups):
+            own = (slot // TOKENS_PER_STEP) == j
+            self.decode_allowed.append(~(own & (slot % TOKENS_PER_STEP > query)))  # no later token of the group
+            self.decode_self.append(own & (slot % TOKENS_PER_STEP == query))  # a masked token still sees itself
+        self.weights = policy.transformer.decode_weights()
+        self.head = (policy.action_head.weight, policy.action_head.bias)
+        self.action_mid = (policy.action_high + policy.action_low) / 2
+        self.action_half = (policy.action_high - policy.action_low) / 2
+        self.device = device
+        self._embedders = (policy.embed_action, policy.embed_return, policy.embed_state)
+        self._time_table = policy.embed_timestep.weight
+        self._norm = (policy.embed_norm.weight, policy.embed_norm.bias)
+        self._fused_versions: tuple[int, ...] = ()
+
+    def embed_group(self, states: torch.Tensor) -> torch.Tensor:
+        """The new group's tokens (N, 3, D): the three input embeddings in one matmul."""
+        params = [p for layer in self._embedders for p in (layer.weight, layer.bias)]
+        versions = tuple(p._version for p in params)
+        if versions != self._fused_versions:  # rebuilt whenever the weights changed in place
+            (wa, ba), (wr, br), (ws, bs) = ((layer.weight, layer.bias) for layer in self._embedders)
+            self._fused_weight = torch.block_diag(wa, wr, ws).t().contiguous()
+            self._fused_bias = torch.cat((ba, br, bs))
+            self._fused_versions = versions
+        inputs = torch.cat((self.host_input_t.to(self.device), states), dim=1)
+        tokens = torch.addmm(self._fused_bias, inputs, self._fused_weight).view(self.num_envs, TOKENS_PER_STEP, -1)
+        times = F.embedding(self.clamped_times_t.to(self.device), self._time_table)
+        return F.layer_norm(tokens + times, (tokens.shape[-1],), *self._norm)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is 1 (not over padding)."""
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)

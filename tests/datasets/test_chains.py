@@ -1,0 +1,135 @@
+"""Chain-of-hindsight sampler: sorted chains, relabelled targets, completion tokens, padding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kinema.datasets import OfflineDataset, make_sampler
+from kinema.datasets.chains import ChainSampler
+
+# Constant reward per episode, so every return (length * reward) is distinct and predictable.
+LENGTHS = [3, 5, 7, 4, 6, 8, 2]
+REWARDS = [1.0, 2.0, 0.5, 3.0, 1.5, 0.25, 4.0]
+K = 6
+
+
+def dataset_of(lengths, rewards_per_step) -> OfflineDataset:
+    """observations[:, 0] holds the global step index, so a sample says where it came from."""
+    rewards = np.concatenate([np.full(n, r, np.float32) if np.isscalar(r) else np.asarray(r, np.float32)
+                              for n, r in zip(lengths, rewards_per_step)])
+    total = len(rewards)
+    observations = np.zeros((total, 2), np.float32)
+    observations[:, 0] = np.arange(total)
+    terminals = np.zeros(total, bool)
+    terminals[np.cumsum(lengths) - 1] = True
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(total, 2)).astype(np.float32)
+    return OfflineDataset(observations=observations, actions=actions, rewards=rewards, terminals=terminals)
+
+
+@pytest.fixture
+def dataset() -> OfflineDataset:
+    return dataset_of(LENGTHS, REWARDS)
+
+
+def test_make_sampler_builds_chains_with_the_documented_keys(dataset) -> None:
+    sampler = make_sampler(dataset, "chains", batch_size=8, context_len=K, seed=0)
+    assert isinstance(sampler, ChainSampler)
+    batch = sampler.sample()
+    for key in ("rewards", "returns_to_go", "timesteps", "mask", "completions", "trial_index", "final_trial"):
+        assert batch[key].shape == (8, K), key
+    assert batch["observations"].shape == (8, K, 2) and batch["actions"].shape == (8, K, 2)
+    assert batch["completions"].dtype == torch.float32 and batch["returns_to_go"].dtype == torch.float32
+    assert batch["trial_index"].dtype == torch.int64 and batch["timesteps"].dtype == torch.int64
+    assert batch["mask"].dtype == torch.bool and batch["final_trial"].dtype == torch.bool
+    with pytest.raises(ValueError, match="max_chain_len"):
+        ChainSampler(dataset, batch_size=8, context_len=K, max_chain_len=0)
+
+
+def test_chains_are_sorted_relabelled_to_their_best_return_and_left_padded(dataset) -> None:
+    sampler = ChainSampler(dataset, 512, seed=1, context_len=K, max_chain_len=3)
+    batch = {key: value.numpy() for key, value in sampler.sample().items()}
+    mask = batch["mask"]
+    steps = batch["observations"][..., 0].astype(np.int64)
+    episode = dataset.episode_index[steps]
+    returns = dataset.episode_returns[episode]
+    assert mask[:, -1].all() and (np.diff(mask.astype(int), axis=1) >= 0).all()  # padding on the left only
+    assert not mask.all()
+    for key in ("observations", "actions", "rewards", "returns_to_go", "timesteps", "completions", "trial_index", "final_trial"):
+        assert not batch[key][~mask].any(), key
+    crossings = relabelled = 0
+    for row in range(len(mask)):
+        real = mask[row]
+        trial, timestep, rtg, reward = (batch[key][row][real] for key in ("trial_index", "timesteps", "returns_to_go", "rewards"))
+        ep, ret = episode[row][real], returns[row][real]
+        assert trial.max() <= 2 and (np.diff(trial) >= 0).all()
+        new_trial = np.diff(trial) > 0
+        crossings += new_trial.sum()
+        assert (timestep[1:][new_trial] == 0).all()  # timesteps restart in every episode
+        assert (np.diff(ret)[new_trial] >= 0).all()  # ascending returns along the chain
+        same = ~new_trial
+        assert (np.diff(timestep)[same] == 1).all() and (np.diff(ep)[same] == 0).all()
+        np.testing.assert_allclose(rtg[1:][same], (rtg - reward)[:-1][same], atol=1e-4)  # rewards are subtracted
+        # Every step of a chain has the same target: the chain's best return, no smaller than its own.
+        collected_before = timestep * np.asarray(REWARDS)[ep]
+        target = rtg + collected_before
+        np.testing.assert_allclose(target, target[0], atol=1e-4)
+        assert (target >= ret - 1e-4).all()
+        relabelled += (target > ret + 1e-4).sum()
+        # The final trial is the best episode: its relabelled return-to-go is its true one.
+        final = batch["final_trial"][row][real]
+        np.testing.assert_allclose(target[final], ret[final], atol=1e-4)
+        assert (final == (trial == trial.max())).all() or not final.any()
+        # Positive rewards: only the best episode's last step reaches the target.
+        last_step = timestep == dataset.episode_lengths[ep] - 1
+        np.testing.assert_array_equal(batch["completions"][row][real], (final & last_step).astype(np.float32))
+    assert crossings > 20 and relabelled > 100  # windows do cross episode boundaries, targets are raised
+
+
+def test_chains_hold_distinct_episodes_even_when_repeats_are_likely() -> None:
+    # Two one-step episodes and a long one: drawn by length, chains of 3 mostly repeat the long one.
+    data = dataset_of([1, 1, 60], [5.0, 7.0, 0.01])
+    sampler = ChainSampler(data, 256, seed=0, context_len=4, max_chain_len=3)
+    index = sampler.chain_steps()
+    episode = data.episode_index[index["steps"]]
+    assert (index["chain_len"] < 3).any()  # repeats that survived the redraws were dropped
+    for row in range(256):
+        real = index["mask"][row]
+        trials, episodes = index["trial"][row][real], episode[row][real]
+        pairs = {(int(t), int(e)) for t, e in zip(trials, episodes)}
+        assert len(pairs) == len({t for t, _ in pairs}) == len({e for _, e in pairs})  # one episode per trial
+        assert (trials < index["chain_len"][row]).all()
+        assert (np.diff(data.episode_returns[episodes]) >= 0).all()
+
+
+def test_completion_is_sticky_once_the_target_is_reached() -> None:
+    # One episode: cumulative reward 1, 3, 2, 1, 1.5 ends at its return 1.5 but passes it at step 1.
+    data = dataset_of([5], [[1.0, 2.0, -1.0, -1.0, 0.5]])
+    batch = ChainSampler(data, 64, seed=0, context_len=5, max_chain_len=1).sample()
+    mask, timesteps = batch["mask"].numpy(), batch["timesteps"].numpy()
+    expected = np.array([0.0, 1.0, 1.0, 1.0, 1.0], np.float32)
+    np.testing.assert_array_equal(batch["completions"].numpy()[mask], expected[timesteps[mask]])
+    assert batch["final_trial"].numpy()[mask].all()
+    np.testing.assert_allclose(batch["returns_to_go"].numpy()[mask], (1.5 - np.array([0, 1, 3, 2, 1]))[timesteps[mask]])
+
+
+def test_resuming_from_a_state_dict_continues_the_same_stream(dataset) -> None:
+    sampler = ChainSampler(dataset, 16, seed=4, context_len=K, max_chain_len=3)
+    sampler.sample()
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = sampler.sample()
+    resumed = ChainSampler(dataset, 16, seed=4, context_len=K, max_chain_len=3)
+    resumed.load_state_dict(state)
+    for key, value in resumed.sample().items():
+        torch.testing.assert_close(value, expected[key])
+    with pytest.raises(ValueError, match="max_chain_len"):
+        ChainSampler(dataset, 16, seed=4, context_len=K, max_chain_len=2).load_state_dict(state)
+
+
+def test_ranks_sample_only_their_shard(dataset) -> None:
+    batch = ChainSampler(dataset, 256, seed=0, rank=1, world_size=2, context_len=K).sample()
+    steps = batch["observations"][..., 0].long().numpy()[batch["mask"].numpy()]
+    assert set(dataset.episode_index[steps].tolist()) == {1, 3, 5}
