@@ -118,3 +118,28 @@ def test_runs_started_together_get_their_own_directories(cli, hopper_random_hdf5
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     runs = list((tmp_path / "runs" / "train").glob("*/*"))
     assert len(runs) == 2 and all((run / "eval.json").is_file() for run in runs)
+
+
+@pytest.mark.parametrize("policy", ["dt", "at"])
+def test_transformer_policies_train_and_evaluate(cli, hopper_random_hdf5: Path, tmp_path: Path, policy: str) -> None:
+    run_dir = tmp_path / policy
+    cli.run(train_args(cli, hopper_random_hdf5, run_dir, 30, f"policy={policy}", "eval.trials=2"), cwd=tmp_path)
+    result = json.loads((run_dir / "eval.json").read_text())
+    trials = result["trials"]
+    assert trials["trials"] == 2 and len(trials["returns"]) == 2 and all(len(run) == 2 for run in trials["returns"])
+    # The headline score is the single first trial, never the best of n.
+    assert result["normalized_score_mean"] == pytest.approx(trials["first_trial_score_mean"])
+    assert trials["best_of_n_score_mean"] >= max(trials["first_trial_score_mean"], trials["last_trial_score_mean"]) - 1e-9
+    assert result["target_return"] == 3600.0
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_multirun_sweeps_seeds(cli, hopper_random_hdf5: Path, tmp_path: Path, launcher: str) -> None:
+    if launcher == "submitit_local":
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    cli.run([cli.script("kinema-train"), "-m", "policy=bc", f"dataset.path={hopper_random_hdf5}", "train.steps=10",
+             "eval.episodes=1", "eval.num_envs=1", "threads=1", "seed=0,1", f"hydra/launcher={launcher}",
+             f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    seeds = sorted(json.loads((sweep / str(job) / "eval.json").read_text())["seed"] for job in (0, 1))
+    assert seeds == [0, 1]
