@@ -150,6 +150,9 @@ def write_d4rl_hdf5(dataset: OfflineDataset, path: str | os.PathLike, compressio
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; a dataset is an ordinary file
     try:
         with h5py.File(temp_name, "w") as file:
             _write_contents(file, dataset, compression, str(path))
