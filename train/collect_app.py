@@ -94,7 +94,6 @@ def _behaviour_policy(settings: dict[str, Any]) -> Any:
 def _record(settings: dict[str, Any]) -> dict[str, Any]:
     from kinema.datasets.collect import collect
     from kinema.datasets.d4rl_io import write_d4rl_hdf5
-    from kinema.datasets.suite import shipped_reference_scores
     from kinema.envs import get_task
 
     if not settings["env"]:
@@ -104,9 +103,9 @@ def _record(settings: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("kinema-collect needs output=<file.hdf5> to write the dataset to")
     spec = get_task(settings["env"])
     policy = _behaviour_policy(settings)
-    # Reference returns the Minari way, measured for kinema's suite (when the task is in it).
-    refs = shipped_reference_scores(spec.name) or {}
-    metadata = {**policy.describe(), "collection_seed": int(settings["seed"]), **refs,
+    # No ref_min_score / ref_max_score: a single recording has no expert of its own to measure,
+    # so scores on it use the D4RL constants (suite datasets carry measured ones).
+    metadata = {**policy.describe(), "collection_seed": int(settings["seed"]),
                 "d4rl_ref_min": spec.d4rl_ref_min, "d4rl_ref_max": spec.d4rl_ref_max}
     dataset = collect(spec, policy, int(settings["steps"]), seed=int(settings["seed"]), num_envs=int(settings["num_envs"]),
                       metadata=metadata, progress=True, source=str(settings["output"]))

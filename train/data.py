@@ -9,7 +9,6 @@ from typing import Any
 from kinema.datasets import OfflineDataset, load_dataset
 from kinema.envs import TaskSpec, get_task, task_spaces
 
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "datasets" / "embedded"
 
 
 @dataclass
@@ -31,12 +30,11 @@ def dataset_path(dataset_cfg: dict[str, Any]) -> Path:
     name = dataset_cfg.get("name")
     if not name:
         raise ValueError("dataset: set dataset=<suite name> or dataset.path=<file.hdf5 or Minari dataset dir>")
-    embedded = EMBEDDED_DIR / f"{name}.hdf5"
-    if embedded.is_file():
-        return embedded
-    from kinema.datasets.suite import ensure_suite_dataset  # generated on first use
+    from kinema.datasets.suite import EMBEDDED_NAME, embedded_dataset_path, ensure_suite_dataset
 
-    return ensure_suite_dataset(str(name))
+    if name == EMBEDDED_NAME:
+        return embedded_dataset_path()
+    return ensure_suite_dataset(str(name))  # regenerated on first use, checksum-verified
 
 
 def resolve_dataset(dataset_cfg: dict[str, Any], env: str | None) -> ResolvedDataset:

@@ -1,0 +1,611 @@
+"""Behaviour policies: PPO training with resumable checkpoints, and pickle-free actor snapshots.
+
+Training (``train_behaviour``) follows the recipe measured in BENCHMARKS.md: PPO with 8
+DummyVecEnv environments under VecNormalize, n_steps 512, batch 256, 10 epochs, lr 3e-4,
+gamma 0.99, GAE 0.95, clip 0.2, 256×256 tanh networks, log_std_init −1, one torch thread.
+Its working state lives outside the repository (``$KINEMA_BEHAVIOUR``, default
+``~/.cache/kinema/behaviour/<task>``):
+
+- ``checkpoints/step_N.zip`` + ``step_N.vecnormalize.npz``: the full learner (SB3 zip with
+  optimiser state) and VecNormalize's running statistics, written every snapshot; the
+  last two are kept. Rerunning the same command loads the latest and continues with
+  ``reset_num_timesteps=False``, so timesteps continue rather than restart.
+- ``snapshots/step_N.safetensors`` + ``step_N.json``: the actor alone, every
+  ``snapshot_every`` steps from step 0 — what medium-replay is rolled out from and what
+  gets committed. Weights are stored as float16 (half the size; the policy's behaviour
+  does not depend on the last bits) and computed in float32; the observation statistics
+  (float64) sit in the JSON. No pickle anywhere in a snapshot.
+- ``state.json``: progress, the recipe, and the training curve (per snapshot: steps, wall
+  time, mean return of the last 100 training episodes, evaluation return of the exported
+  snapshot).
+
+Every snapshot is evaluated as it will be used for collection: loaded back from its
+files, actions sampled from the Gaussian (not its mean), a few episodes on fixed seeds.
+``export_for_suite`` then picks the expert (best re-evaluated snapshot), medium (the
+earlier snapshot closest to a third of the expert's return) and copies those plus every
+snapshot before medium into ``datasets/behaviour_policies/<task>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kinema.envs import TaskSpec, get_task
+
+from .collect import episode_returns, require_matching_spaces
+from .errors import DatasetError
+
+SNAPSHOT_FORMAT = "kinema-behaviour-actor/1"
+COMMITTED_POLICIES_DIR = Path(__file__).resolve().parent / "behaviour_policies"
+POLICIES_MANIFEST = "policies.json"
+
+PPO_RECIPE: dict[str, Any] = {
+    "n_envs": 8,
+    "n_steps": 512,
+    "batch_size": 256,
+    "n_epochs": 10,
+    "learning_rate": 3e-4,
+    "gamma": 0.99,
+    "gae_lambda": 0.95,
+    "clip_range": 0.2,
+    "net_arch": [256, 256],
+    "activation": "tanh",
+    "log_std_init": -1.0,
+    "normalize_observations": True,
+    "normalize_rewards": True,
+}
+# Snapshot spacing: 5 PPO updates (5 × 8 × 512 steps).
+DEFAULT_SNAPSHOT_EVERY = 20_480
+SNAPSHOT_EVAL_EPISODES = 5
+SELECTION_EVAL_EPISODES = 50
+EVAL_SEED = 10_000
+CHECKPOINTS_KEPT = 2
+STOP_WINDOW = 3
+
+
+def behaviour_work_dir(task: str | TaskSpec) -> Path:
+    """Where training state for ``task`` lives: $KINEMA_BEHAVIOUR/<task> or ~/.cache/kinema/behaviour/<task>."""
+    root = os.environ.get("KINEMA_BEHAVIOUR") or Path.home() / ".cache" / "kinema" / "behaviour"
+    return Path(root) / get_task(task).name
+
+
+# ---------------------------------------------------------------------------------------
+# The actor, rebuilt in plain torch from a snapshot
+# ---------------------------------------------------------------------------------------
+
+
+class GaussianActor:
+    """PPO's policy: Gaussian over actions, mean from an MLP on normalised observations.
+
+    The standard deviation is state-independent (``log_std``), as in SB3's PPO. Actions
+    for a dataset are sampled (``stochastic=True``), like the behaviour data an on-policy
+    learner produces and like D4RL's stochastic SAC behaviour; the noise comes from the
+    collector's numpy generator, so collection is deterministic given its seed.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], info: dict[str, Any], stochastic: bool = True):
+        self.info = info
+        self.stochastic = stochastic
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        index = 0
+        while f"hidden.{index}.weight" in tensors:
+            self.layers.append((tensors[f"hidden.{index}.weight"].float(), tensors[f"hidden.{index}.bias"].float()))
+            index += 1
+        self.mean_weight = tensors["mean.weight"].float()
+        self.mean_bias = tensors["mean.bias"].float()
+        self.std = np.exp(tensors["log_std"].double().numpy())
+        self.obs_mean = np.asarray(info["obs_mean"], dtype=np.float64)
+        self.obs_var = np.asarray(info["obs_var"], dtype=np.float64)
+        self.obs_clip = float(info["obs_clip"])
+        self.obs_epsilon = float(info["obs_epsilon"])
+        self.action_low = np.asarray(info["action_low"], dtype=np.float64)
+        self.action_high = np.asarray(info["action_high"], dtype=np.float64)
+
+    @property
+    def obs_dim(self) -> int:
+        return len(self.obs_mean)
+
+    @property
+    def act_dim(self) -> int:
+        return len(self.mean_bias)
+
+    def mean_action(self, observations: np.ndarray) -> np.ndarray:
+        # VecNormalize's transform, in float64 like SB3, then the float32 network.
+        normalised = np.clip((observations - self.obs_mean) / np.sqrt(self.obs_var + self.obs_epsilon), -self.obs_clip, self.obs_clip)
+        hidden = torch.from_numpy(normalised.astype(np.float32))
+        with torch.no_grad():
+            for weight, bias in self.layers:
+                hidden = torch.tanh(torch.nn.functional.linear(hidden, weight, bias))
+            mean = torch.nn.functional.linear(hidden, self.mean_weight, self.mean_bias)
+        return mean.numpy().astype(np.float64)
+
+    def act(self, observations: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        actions = self.mean_action(np.asarray(observations, dtype=np.float64))
+        if self.stochastic:
+            actions = actions + self.std * rng.standard_normal(actions.shape)
+        return np.clip(actions, self.action_low, self.action_high)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.info["algorithm"],
+            "training_steps": int(self.info["training_steps"]),
+            "training_seed": int(self.info["training_seed"]),
+            "actions": "sampled" if self.stochastic else "mean",
+        }
+
+
+def snapshot_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, info) files of the snapshot named ``prefix`` (no suffix)."""
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")
+
+
+REQUIRED_INFO_KEYS = (
+    "format", "algorithm", "task", "training_steps", "training_seed", "obs_mean", "obs_var",
+    "obs_clip", "obs_epsilon", "action_low", "action_high",
+)
+
+
+def load_actor(prefix: str | os.PathLike, stochastic: bool = True) -> GaussianActor:
+    """Load a snapshot written by ``save_actor`` (``prefix`` + .safetensors / .json)."""
+    weights_path, info_path = snapshot_paths(prefix)
+    for path in (weights_path, info_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: behaviour-policy snapshot file not found")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{info_path}: not valid JSON ({error})") from error
+    missing = [key for key in REQUIRED_INFO_KEYS if key not in info]
+    if missing:
+        raise DatasetError(f"{info_path}: missing key '{missing[0]}'; a behaviour snapshot needs {list(REQUIRED_INFO_KEYS)}")
+    if info["format"] != SNAPSHOT_FORMAT:
+        raise DatasetError(f"{info_path}: format is {info['format']!r}, expected {SNAPSHOT_FORMAT!r}")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise DatasetError(f"{weights_path}: not a readable safetensors file ({error})") from error
+    for key in ("hidden.0.weight", "hidden.0.bias", "mean.weight", "mean.bias", "log_std"):
+        if key not in tensors:
+            raise DatasetError(f"{weights_path}: missing tensor '{key}'; found {sorted(tensors)}")
+    obs_dim, act_dim = len(info["obs_mean"]), tensors["mean.bias"].shape[0]
+    if tensors["hidden.0.weight"].shape[1] != obs_dim or tensors["log_std"].shape != (act_dim,):
+        raise DatasetError(
+            f"{weights_path}: tensor shapes do not match {info_path.name} "
+            f"(obs_dim {obs_dim}, first layer {tuple(tensors['hidden.0.weight'].shape)}, log_std {tuple(tensors['log_std'].shape)})"
+        )
+    return GaussianActor(tensors, info, stochastic=stochastic)
+
+
+def _atomic_write_bytes(path: Path, write: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_actor(model: Any, vec_normalize: Any, prefix: Path, info: dict[str, Any]) -> None:
+    """Export an SB3 PPO model's actor + VecNormalize obs statistics as a snapshot."""
+    state = model.policy.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    index = 0
+    while f"mlp_extractor.policy_net.{2 * index}.weight" in state:
+        tensors[f"hidden.{index}.weight"] = state[f"mlp_extractor.policy_net.{2 * index}.weight"]
+        tensors[f"hidden.{index}.bias"] = state[f"mlp_extractor.policy_net.{2 * index}.bias"]
+        index += 1
+    tensors["mean.weight"] = state["action_net.weight"]
+    tensors["mean.bias"] = state["action_net.bias"]
+    tensors["log_std"] = state["log_std"]
+    tensors = {key: value.detach().to(torch.float16).contiguous() for key, value in tensors.items()}
+    space = model.action_space
+    full_info = {
+        "format": SNAPSHOT_FORMAT,
+        "algorithm": "PPO",
+        "activation": "tanh",
+        **info,
+        "obs_mean": vec_normalize.obs_rms.mean.tolist(),
+        "obs_var": vec_normalize.obs_rms.var.tolist(),
+        "obs_clip": float(vec_normalize.clip_obs),
+        "obs_epsilon": float(vec_normalize.epsilon),
+        "action_low": space.low.astype(np.float64).tolist(),
+        "action_high": space.high.astype(np.float64).tolist(),
+    }
+    weights_path, info_path = snapshot_paths(prefix)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(weights_path, lambda p: save_file(tensors, str(p)))
+    _atomic_write_bytes(info_path, lambda p: p.write_text(json.dumps(full_info, indent=1) + "\n"))
+
+
+# ---------------------------------------------------------------------------------------
+# User SB3 checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+class SB3CheckpointPolicy:
+    """A user's own stable-baselines3 checkpoint as a behaviour policy.
+
+    Loading goes through SB3's ``load``, which unpickles parts of the zip: acceptable
+    here only because it is the user's own file, named on their command line. kinema's
+    committed behaviour policies never take this path (see ``load_actor``).
+    """
+
+    ALGORITHMS = ("ppo", "sac", "td3", "a2c", "ddpg")
+
+    def __init__(self, checkpoint: str | os.PathLike, algo: str, task: str | TaskSpec,
+                 vecnormalize: str | os.PathLike | None = None, deterministic: bool = False, seed: int = 0):
+        import stable_baselines3
+
+        algo = algo.lower()
+        if algo not in self.ALGORITHMS:
+            raise ValueError(f"algo must be one of {list(self.ALGORITHMS)}, got {algo!r}")
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: stable-baselines3 checkpoint not found")
+        self.algo = algo
+        self.checkpoint = checkpoint
+        self.deterministic = deterministic
+        self.model = getattr(stable_baselines3, algo.upper()).load(str(checkpoint), device="cpu")
+        self.model.set_random_seed(seed)  # seeds torch: sampled actions repeat run to run
+        self.obs_normaliser = None
+        if vecnormalize is not None:
+            self.obs_normaliser = _load_user_vecnormalize(Path(vecnormalize), get_task(task))
+        require_matching_spaces(task, self.obs_dim, self.act_dim, str(checkpoint))
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.model.observation_space.shape[0])
+
+    @property
+    def act_dim(self) -> int:
+        return int(self.model.action_space.shape[0])
+
+    def act(self, observations: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.obs_normaliser is not None:
+            observations = self.obs_normaliser.normalize_obs(observations)
+        actions, _ = self.model.predict(observations, deterministic=self.deterministic)
+        return np.asarray(actions, dtype=np.float64)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algo.upper(),
+            "training_steps": int(self.model.num_timesteps),
+            "checkpoint": str(self.checkpoint),
+            "actions": "mean" if self.deterministic else "sampled",
+        }
+
+
+def _load_user_vecnormalize(path: Path, task: TaskSpec) -> Any:
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from kinema.envs import make_env
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: VecNormalize statistics file not found")
+    normaliser = VecNormalize.load(str(path), DummyVecEnv([lambda: make_env(task)]))  # the user's own pickle, as above
+    normaliser.training = False
+    return normaliser
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRequest:
+    total_steps: int = 2_000_000
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+    stop_at_return: float | None = None
+    seed: int = 0
+    eval_episodes: int = SNAPSHOT_EVAL_EPISODES
+
+
+def _read_state(work_dir: Path) -> dict[str, Any] | None:
+    path = work_dir / "state.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}: training state is not valid JSON ({error}); delete {work_dir} to start over") from error
+
+
+def _write_state(work_dir: Path, state: dict[str, Any]) -> None:
+    _atomic_write_bytes(work_dir / "state.json", lambda p: p.write_text(json.dumps(state, indent=1) + "\n"))
+
+
+def _save_vecnormalize(vec_normalize: Any, path: Path) -> None:
+    arrays = {
+        "obs_mean": vec_normalize.obs_rms.mean, "obs_var": vec_normalize.obs_rms.var,
+        "obs_count": np.float64(vec_normalize.obs_rms.count),
+        "ret_mean": np.asarray(vec_normalize.ret_rms.mean), "ret_var": np.asarray(vec_normalize.ret_rms.var),
+        "ret_count": np.float64(vec_normalize.ret_rms.count),
+    }
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    _atomic_write_bytes(path, write)
+
+
+def _load_vecnormalize(vec_normalize: Any, path: Path) -> None:
+    with np.load(path, allow_pickle=False) as stats:
+        vec_normalize.obs_rms.mean = stats["obs_mean"].copy()
+        vec_normalize.obs_rms.var = stats["obs_var"].copy()
+        vec_normalize.obs_rms.count = float(stats["obs_count"])
+        vec_normalize.ret_rms.mean = stats["ret_mean"].copy()
+        vec_normalize.ret_rms.var = stats["ret_var"].copy()
+        vec_normalize.ret_rms.count = float(stats["ret_count"])
+
+
+def _make_training_env(spec: TaskSpec, seed: int) -> Any:
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from kinema.envs import make_env
+
+    vec_env = make_vec_env(lambda: make_env(spec), n_envs=PPO_RECIPE["n_envs"], seed=seed, vec_env_cls=DummyVecEnv)
+    return VecNormalize(vec_env, norm_obs=PPO_RECIPE["normalize_observations"], norm_reward=PPO_RECIPE["normalize_rewards"],
+                        gamma=PPO_RECIPE["gamma"])
+
+
+def _new_model(vec_env: Any, seed: int) -> Any:
+    from stable_baselines3 import PPO
+
+    return PPO(
+        "MlpPolicy", vec_env, n_steps=PPO_RECIPE["n_steps"], batch_size=PPO_RECIPE["batch_size"],
+        n_epochs=PPO_RECIPE["n_epochs"], learning_rate=PPO_RECIPE["learning_rate"], gamma=PPO_RECIPE["gamma"],
+        gae_lambda=PPO_RECIPE["gae_lambda"], clip_range=PPO_RECIPE["clip_range"], seed=seed, device="cpu", verbose=0,
+        policy_kwargs={"net_arch": {"pi": PPO_RECIPE["net_arch"], "vf": PPO_RECIPE["net_arch"]},
+                       "activation_fn": torch.nn.Tanh, "log_std_init": PPO_RECIPE["log_std_init"]},
+    )
+
+
+def train_behaviour(
+    task: str | TaskSpec,
+    request: TrainingRequest | None = None,
+    work_dir: str | os.PathLike | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Train (or resume training) a PPO behaviour policy; returns the final state dict.
+
+    Stops at ``total_steps`` or once the last three snapshot evaluations average at least
+    ``stop_at_return``. Interrupt it at any point: rerunning continues from the latest
+    checkpoint (at most one snapshot interval of work is repeated).
+    """
+    spec = get_task(task)
+    request = request or TrainingRequest()
+    if request.snapshot_every % (PPO_RECIPE["n_envs"] * PPO_RECIPE["n_steps"]):
+        raise ValueError(f"snapshot_every must be a multiple of {PPO_RECIPE['n_envs'] * PPO_RECIPE['n_steps']} (one PPO rollout), got {request.snapshot_every}")
+    work_dir = Path(work_dir) if work_dir is not None else behaviour_work_dir(spec)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(work_dir)
+    identity = {"task": spec.name, "gym_id": spec.gym_id, "seed": request.seed, "recipe": PPO_RECIPE,
+                "snapshot_every": request.snapshot_every}
+    if state is None:
+        state = {**identity, "num_timesteps": 0, "wall_time_s": 0.0, "checkpoint": None, "curve": [], "finished": None}
+    else:
+        for key, value in identity.items():
+            if state.get(key) != value:
+                raise DatasetError(
+                    f"{work_dir / 'state.json'}: existing training has {key}={state.get(key)!r}, this request has {value!r}; "
+                    f"use another work directory or delete {work_dir} to start over"
+                )
+    state["total_steps"], state["stop_at_return"] = request.total_steps, request.stop_at_return
+    if _reached(state["curve"], request.stop_at_return):
+        log(f"[{spec.name}] already reached return {request.stop_at_return} at {state['num_timesteps']} steps")
+        return state
+    if state["num_timesteps"] >= request.total_steps:
+        state["finished"] = "total_steps"
+        _write_state(work_dir, state)
+        log(f"[{spec.name}] already trained for {state['num_timesteps']} >= {request.total_steps} steps")
+        return state
+    state["finished"] = None
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)  # PPO's small networks: one thread is faster on a shared 2-core machine
+    try:
+        return _train(spec, request, work_dir, state, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(spec: TaskSpec, request: TrainingRequest, work_dir: Path, state: dict[str, Any], log: Any) -> dict[str, Any]:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    vec_env = _make_training_env(spec, request.seed)
+    if state["checkpoint"] is None:
+        model = _new_model(vec_env, request.seed)
+        log(f"[{spec.name}] starting PPO from scratch in {work_dir}")
+    else:
+        checkpoint = work_dir / state["checkpoint"]
+        # Our own file, written by this function into the user's cache.
+        model = PPO.load(str(checkpoint) + ".zip", env=vec_env, device="cpu")
+        _load_vecnormalize(vec_env, Path(str(checkpoint) + ".vecnormalize.npz"))
+        log(f"[{spec.name}] resuming from {checkpoint.name} at {model.num_timesteps} steps")
+    session_start, wall_before = time.perf_counter(), float(state["wall_time_s"])
+
+    def snapshot_and_checkpoint(current: Any) -> bool:
+        """Export + evaluate a snapshot, write a checkpoint; True when the stop return is reached."""
+        steps = int(current.num_timesteps)
+        wall = wall_before + time.perf_counter() - session_start
+        name = f"step_{steps:09d}"
+        prefix = work_dir / "snapshots" / name
+        save_actor(current, vec_env, prefix, {"task": spec.name, "gym_id": spec.gym_id, "training_steps": steps,
+                                              "training_seed": request.seed, "recipe": PPO_RECIPE})
+        returns = episode_returns(spec, load_actor(prefix), request.eval_episodes, seed=EVAL_SEED, num_envs=request.eval_episodes)
+        train_returns = [info["r"] for info in current.ep_info_buffer] if current.ep_info_buffer else []
+        point = {
+            "steps": steps, "wall_time_s": round(wall, 1),
+            "train_return_mean": round(float(np.mean(train_returns)), 1) if train_returns else None,
+            "eval_return_mean": round(float(returns.mean()), 1), "eval_return_std": round(float(returns.std()), 1),
+            "snapshot": f"snapshots/{name}",
+        }
+        checkpoint_name = f"checkpoints/{name}"
+        (work_dir / "checkpoints").mkdir(exist_ok=True)
+        current.save(str(work_dir / checkpoint_name) + ".zip")
+        _save_vecnormalize(vec_env, work_dir / (checkpoint_name + ".vecnormalize.npz"))
+        state["curve"] = [p for p in state["curve"] if p["steps"] < steps] + [point]
+        state.update(num_timesteps=steps, wall_time_s=round(wall, 1), checkpoint=checkpoint_name)
+        _write_state(work_dir, state)
+        _prune_checkpoints(work_dir / "checkpoints")
+        log(f"[{spec.name}] steps {steps:>9d}  wall {wall / 60:6.1f} min  train return {point['train_return_mean']}  "
+            f"eval return {point['eval_return_mean']} ± {point['eval_return_std']}")
+        return _reached(state["curve"], request.stop_at_return)
+
+    class SnapshotCallback(BaseCallback):
+        """Snapshots at rollout starts: the policy has just been updated on everything collected so far."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stop = False
+            done = [p["steps"] for p in state["curve"]]
+            self.next_snapshot = (max(done) // request.snapshot_every + 1) * request.snapshot_every if done else 0
+
+        def _on_rollout_start(self) -> None:
+            if self.num_timesteps >= self.next_snapshot:
+                self.stop = snapshot_and_checkpoint(self.model)
+                self.next_snapshot = (self.num_timesteps // request.snapshot_every + 1) * request.snapshot_every
+
+        def _on_step(self) -> bool:
+            return not self.stop
+
+    callback = SnapshotCallback()
+    model.learn(total_timesteps=request.total_steps - int(model.num_timesteps), callback=callback, reset_num_timesteps=False)
+    if callback.stop:
+        state["finished"] = "stop_at_return"
+    else:
+        if state["curve"][-1]["steps"] < model.num_timesteps:
+            snapshot_and_checkpoint(model)
+        state["finished"] = "total_steps"
+    _write_state(work_dir, state)
+    vec_env.close()
+    log(f"[{spec.name}] finished ({state['finished']}) at {state['num_timesteps']} steps, {state['wall_time_s'] / 60:.1f} min")
+    return state
+
+
+def _reached(curve: list[dict[str, Any]], stop_at_return: float | None) -> bool:
+    """Whether the last STOP_WINDOW snapshot evaluations average at least ``stop_at_return``
+    (one lucky few-episode evaluation must not end training)."""
+    if stop_at_return is None or len(curve) < STOP_WINDOW:
+        return False
+    return float(np.mean([p["eval_return_mean"] for p in curve[-STOP_WINDOW:]])) >= stop_at_return
+
+
+def _prune_checkpoints(directory: Path) -> None:
+    zips = sorted(directory.glob("step_*.zip"))
+    for old in zips[:-CHECKPOINTS_KEPT]:
+        old.unlink(missing_ok=True)
+        Path(str(old)[: -len(".zip")] + ".vecnormalize.npz").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing and committing medium / expert / replay snapshots
+# ---------------------------------------------------------------------------------------
+
+
+def _reevaluate(spec: TaskSpec, work_dir: Path, points: list[dict[str, Any]], episodes: int) -> dict[int, float]:
+    return {
+        p["steps"]: float(episode_returns(spec, load_actor(work_dir / p["snapshot"]), episodes, seed=EVAL_SEED + 1, num_envs=10).mean())
+        for p in points
+    }
+
+
+def export_for_suite(
+    task: str | TaskSpec,
+    work_dir: str | os.PathLike | None = None,
+    destination: str | os.PathLike | None = None,
+    candidates: int = 6,
+    episodes: int = SELECTION_EVAL_EPISODES,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Pick expert and medium snapshots and copy what the suite needs into the repository.
+
+    Expert: among the ``candidates`` snapshots with the best training-time evaluation,
+    the one with the best mean return over ``episodes`` fresh episodes. Medium: among
+    earlier snapshots, the ``candidates`` whose training-time evaluation is nearest a
+    third of the expert's, re-evaluated the same way; the nearest wins. Replay: every
+    snapshot before medium, in training order. Writes ``policies.json`` beside them.
+    """
+    spec = get_task(task)
+    work_dir = Path(work_dir) if work_dir is not None else behaviour_work_dir(spec)
+    destination = Path(destination) if destination is not None else COMMITTED_POLICIES_DIR / spec.name
+    state = _read_state(work_dir)
+    if state is None or not state["curve"]:
+        raise FileNotFoundError(f"{work_dir / 'state.json'}: no behaviour training found for {spec.name!r}; train it first")
+    curve = state["curve"]
+    best = sorted(curve, key=lambda p: p["eval_return_mean"], reverse=True)[:candidates]
+    expert_returns = _reevaluate(spec, work_dir, best, episodes)
+    expert_steps = max(expert_returns, key=expert_returns.get)
+    target = expert_returns[expert_steps] / 3.0
+    earlier = [p for p in curve if 0 < p["steps"] < expert_steps]
+    if not earlier:
+        raise DatasetError(f"{work_dir}: the best snapshot is at step {expert_steps}; no earlier snapshot can be medium. Train longer.")
+    near = sorted(earlier, key=lambda p: abs(p["eval_return_mean"] - target))[:candidates]
+    medium_returns = _reevaluate(spec, work_dir, near, episodes)
+    medium_steps = min(medium_returns, key=lambda s: abs(medium_returns[s] - target))
+    replay = [p for p in curve if p["steps"] < medium_steps]
+    log(f"[{spec.name}] expert at {expert_steps} steps ({expert_returns[expert_steps]:.1f}), medium at {medium_steps} steps "
+        f"({medium_returns[medium_steps]:.1f}, target {target:.1f}), {len(replay)} replay snapshots")
+
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.mkdir(parents=True)
+    by_steps = {p["steps"]: p for p in curve}
+    for steps in sorted({expert_steps, medium_steps, *(p["steps"] for p in replay)}):
+        for source_file in snapshot_paths(work_dir / by_steps[steps]["snapshot"]):
+            shutil.copyfile(source_file, destination / source_file.name)
+    manifest = {
+        "task": spec.name,
+        "gym_id": spec.gym_id,
+        "algorithm": "PPO (stable-baselines3)",
+        "recipe": state["recipe"],
+        "training_seed": state["seed"],
+        "snapshot_every": state["snapshot_every"],
+        "trained_steps": state["num_timesteps"],
+        "training_wall_time_s": state["wall_time_s"],
+        "finished": state["finished"],
+        "selection": {"episodes": episodes, "eval_seed": EVAL_SEED + 1, "expert_candidates": expert_returns,
+                      "medium_candidates": medium_returns, "medium_target": target},
+        "expert": {"steps": expert_steps, "snapshot": Path(by_steps[expert_steps]["snapshot"]).name,
+                   "selection_return": expert_returns[expert_steps]},
+        "medium": {"steps": medium_steps, "snapshot": Path(by_steps[medium_steps]["snapshot"]).name,
+                   "selection_return": medium_returns[medium_steps]},
+        "replay": [{"steps": p["steps"], "snapshot": Path(p["snapshot"]).name} for p in replay],
+        "training_curve": curve,
+    }
+    (destination / POLICIES_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def committed_policies(task: str | TaskSpec, directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The committed ``policies.json`` of a task (which snapshots are expert / medium / replay)."""
+    spec = get_task(task)
+    directory = Path(directory) if directory is not None else COMMITTED_POLICIES_DIR / spec.name
+    path = directory / POLICIES_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no committed behaviour policies for task {spec.name!r}")
+    manifest = json.loads(path.read_text())
+    for key in ("expert", "medium", "replay"):
+        if key not in manifest:
+            raise DatasetError(f"{path}: missing key '{key}'")
+    return manifest
+
+
+def load_committed_actor(task: str | TaskSpec, snapshot: str, directory: str | os.PathLike | None = None) -> GaussianActor:
+    spec = get_task(task)
+    directory = Path(directory) if directory is not None else COMMITTED_POLICIES_DIR / spec.name
+    actor = load_actor(directory / snapshot)
+    require_matching_spaces(spec, actor.obs_dim, actor.act_dim, str(directory / snapshot))
+    return actor

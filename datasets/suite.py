@@ -1,0 +1,476 @@
+"""kinema's benchmark dataset suite: D4RL's five datasets per task, regenerated from committed policies.
+
+Nothing large is committed. ``datasets/behaviour_policies/<task>/`` holds the PPO actor
+snapshots (safetensors + JSON) and ``datasets/suite.json`` the manifest: for every
+dataset its size, seed, return statistics, reference returns and the sha256 of the file
+that regeneration produces at the default size. ``ensure_suite_dataset`` regenerates a
+missing file into ``$KINEMA_DATA`` (default ``~/.cache/kinema/datasets``) and refuses a
+file whose checksum does not match.
+
+The datasets of a task (D4RL's protocol on Gymnasium MuJoCo v5):
+
+- ``random``: uniform random actions.
+- ``medium``: the PPO snapshot whose return is nearest a third of the expert's, actions
+  sampled from its Gaussian.
+- ``expert``: the best PPO snapshot, actions sampled.
+- ``medium-replay``: D4RL stores the replay buffer of the learner up to medium. PPO is
+  on-policy, so the faithful equivalent is the learner's own rollouts. Those cannot be
+  regenerated from committed files exactly, so kinema rolls out the committed sequence of
+  learner snapshots (one every 20,480 training steps, from the untrained policy up to
+  the one before medium) in training order, each acting for an equal share of the
+  transitions while episodes run on across the switches, as rollouts span PPO updates.
+  At full size each snapshot acts for exactly its 20,480 training steps, so the file has
+  as many transitions as the learner collected up to medium. The approximation: the
+  policy changes every 5 PPO updates instead of every update, and the environment
+  seeds differ from the training run's.
+- ``medium-expert``: medium followed by expert (D4RL's concatenation).
+
+Sizes: ``default`` is 200,000 transitions per collected dataset (medium-expert 400,000),
+which regenerates the three-task suite in minutes on a 2-core CPU; ``full`` is D4RL's
+1,000,000 (medium-replay: the learner's steps up to medium). Only the default size has
+pinned checksums.
+
+Reference returns (Minari's convention): ``ref_min_score`` / ``ref_max_score`` are the
+mean returns of the random policy and of the expert policy over 100 episodes, measured
+once per task when the manifest is built and stored in it; regeneration reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kinema.envs import get_task
+
+from .behaviour import COMMITTED_POLICIES_DIR, committed_policies, load_committed_actor
+from .collect import UniformRandomPolicy, collect, episode_returns
+from .d4rl_io import read_d4rl_hdf5, write_d4rl_hdf5
+from .errors import DatasetError
+from .store import OfflineDataset, concatenate
+
+SUITE_FORMAT = "kinema-suite/1"
+SUITE_MANIFEST = Path(__file__).resolve().parent / "suite.json"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+SUITE_TASKS = ("hopper", "walker2d", "halfcheetah", "ant")
+KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+COLLECTED_KINDS = ("random", "medium", "medium-replay", "expert")
+DEFAULT_TRANSITIONS = 200_000
+FULL_TRANSITIONS = 1_000_000
+SIZES = ("default", "full")
+# Collection seeds per kind: different episodes in every dataset of a task.
+COLLECTION_SEEDS = {"random": 0, "medium": 1, "medium-replay": 2, "expert": 3}
+REFERENCE_EPISODES = 100
+REFERENCE_SEEDS = {"random": 100, "expert": 101}
+
+
+def data_dir(directory: str | os.PathLike | None = None) -> Path:
+    """Where suite datasets are cached: the argument, else $KINEMA_DATA, else ~/.cache/kinema/datasets."""
+    if directory is not None:
+        return Path(directory)
+    return Path(os.environ.get("KINEMA_DATA") or Path.home() / ".cache" / "kinema" / "datasets")
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'hopper-medium-replay' -> ('hopper', 'medium-replay')."""
+    for kind in sorted(KINDS, key=len, reverse=True):
+        if name.endswith("-" + kind):
+            return name[: -len(kind) - 1], kind
+    raise DatasetError(f"{name!r} is not a suite dataset name; expected '<task>-<kind>' with kind one of {list(KINDS)}")
+
+
+# ---------------------------------------------------------------------------------------
+# The manifest
+# ---------------------------------------------------------------------------------------
+
+
+def load_manifest(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    path = Path(path) if path is not None else SUITE_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: suite manifest not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}: suite manifest is not valid JSON ({error})") from error
+    for key in ("format", "tasks", "datasets"):
+        if key not in manifest:
+            raise DatasetError(f"{path}: suite manifest has no '{key}' key")
+    if manifest["format"] != SUITE_FORMAT:
+        raise DatasetError(f"{path}: suite manifest format is {manifest['format']!r}, expected {SUITE_FORMAT!r}")
+    return manifest
+
+
+def _write_manifest(manifest: dict[str, Any], path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def suite_names(manifest: dict[str, Any] | None = None) -> list[str]:
+    return list((manifest or load_manifest())["datasets"])
+
+
+def _entry(name: str, manifest: dict[str, Any], manifest_path: Path) -> dict[str, Any]:
+    if name not in manifest["datasets"]:
+        raise DatasetError(
+            f"{name!r} is not in the suite manifest {manifest_path}; available: {', '.join(manifest['datasets']) or '(none)'}"
+        )
+    return manifest["datasets"][name]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide the bytes of a regenerated file (recorded in the manifest)."""
+    import gymnasium
+    import h5py
+    import mujoco
+    import torch
+
+    return {
+        "mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__, "numpy": np.__version__,
+        "torch": torch.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version,
+        "python": ".".join(map(str, sys.version_info[:2])),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Regeneration
+# ---------------------------------------------------------------------------------------
+
+
+def transitions_for(kind: str, size: str | int, policies: dict[str, Any]) -> int:
+    """Transitions one collected dataset gets at ``size`` ("default", "full", or a number)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"size must be 'default', 'full' or a positive number of transitions, got {size}")
+        return int(size)
+    if size == "default":
+        return DEFAULT_TRANSITIONS
+    if size == "full":
+        if kind == "medium-replay":
+            return int(policies["medium"]["steps"])  # what the learner collected up to medium
+        return FULL_TRANSITIONS
+    raise ValueError(f"size must be one of {list(SIZES)} or a positive number of transitions, got {size!r}")
+
+
+def _replay_schedule(task: str, policies: dict[str, Any], transitions: int, directory: Path | None) -> list[tuple[int, Any]]:
+    """Equal shares of ``transitions`` for the replay snapshots, in training order."""
+    snapshots = policies["replay"]
+    if not snapshots:
+        raise DatasetError(f"{task}: the committed policies list no replay snapshots (medium at step 0?)")
+    count = len(snapshots)
+    starts = [round(i * transitions / count) for i in range(count)]
+    schedule, seen = [], set()
+    for start, snapshot in zip(starts, snapshots):
+        if start in seen:
+            continue  # fewer transitions than snapshots: later snapshots only
+        seen.add(start)
+        schedule.append((start, load_committed_actor(task, snapshot["snapshot"], directory)))
+    return schedule
+
+
+def _dataset_metadata(name: str, task: str, kind: str, size: str | int, refs: dict[str, Any], policies: dict[str, Any] | None,
+                      seed: int) -> dict[str, Any]:
+    spec = get_task(task)
+    metadata: dict[str, Any] = {
+        "dataset_name": name, "kind": kind, "size": str(size), "collection_seed": seed,
+        "suite_format": SUITE_FORMAT,
+        "ref_min_score": refs["ref_min_score"], "ref_max_score": refs["ref_max_score"],
+        "ref_episodes": REFERENCE_EPISODES,
+        "d4rl_ref_min": spec.d4rl_ref_min, "d4rl_ref_max": spec.d4rl_ref_max,
+    }
+    if kind == "random":
+        metadata.update(algorithm="uniform-random", behaviour_training_steps=0)
+    else:
+        metadata.update(algorithm=policies["algorithm"], behaviour_training_seed=policies["training_seed"],
+                        behaviour_recipe=policies["recipe"], actions="sampled from the policy's Gaussian")
+        if kind == "medium-replay":
+            metadata["behaviour_training_steps"] = [s["steps"] for s in policies["replay"]]
+        elif kind == "medium-expert":
+            metadata["behaviour_training_steps"] = [policies["medium"]["steps"], policies["expert"]["steps"]]
+        else:
+            metadata["behaviour_training_steps"] = policies[kind]["steps"]
+    return metadata
+
+
+def generate_dataset(
+    name: str,
+    size: str | int = "default",
+    refs: dict[str, Any] | None = None,
+    manifest: dict[str, Any] | None = None,
+    policies_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    part_loader: Callable[[str], OfflineDataset] | None = None,
+) -> OfflineDataset:
+    """Build suite dataset ``name`` in memory from the committed behaviour policies.
+
+    ``refs`` (ref_min_score / ref_max_score) default to the manifest's values for the
+    task. ``part_loader`` supplies medium and expert for medium-expert (default: generate
+    them here too).
+    """
+    task, kind = split_name(name)
+    if refs is None:
+        manifest = manifest or load_manifest()
+        if task not in manifest["tasks"]:
+            raise DatasetError(f"task {task!r} has no reference returns in the suite manifest; build the manifest first")
+        refs = manifest["tasks"][task]
+    directory = Path(policies_dir) / task if policies_dir is not None else None
+    policies = committed_policies(task, directory) if kind != "random" else None
+    if kind == "medium-expert":
+        load = part_loader or (lambda part: generate_dataset(part, size, refs, manifest, policies_dir, progress))
+        parts = [load(f"{task}-medium"), load(f"{task}-expert")]
+        metadata = _dataset_metadata(name, task, kind, size, refs, policies, seed=-1)
+        metadata.update(collection_seed=[COLLECTION_SEEDS["medium"], COLLECTION_SEEDS["expert"]], task=task, env_id=get_task(task).gym_id, max_episode_steps=get_task(task).max_episode_steps)
+        return concatenate(parts, metadata=metadata)
+    seed = COLLECTION_SEEDS[kind]
+    transitions = transitions_for(kind, size, policies or {})
+    if kind == "random":
+        behaviour: Any = UniformRandomPolicy.for_task(task)
+    elif kind == "medium-replay":
+        behaviour = _replay_schedule(task, policies, transitions, directory)
+    else:
+        behaviour = load_committed_actor(task, policies[kind]["snapshot"], directory)
+    metadata = _dataset_metadata(name, task, kind, size, refs, policies, seed)
+    return collect(task, behaviour, transitions, seed=seed, metadata=metadata, progress=progress, source=name)
+
+
+def dataset_path(name: str, size: str | int = "default", directory: str | os.PathLike | None = None) -> Path:
+    suffix = "" if size == "default" else f"-{size}"
+    return data_dir(directory) / f"{name}{suffix}.hdf5"
+
+
+def verify_checksum(path: Path, expected: str, name: str, manifest_path: Path, regenerated: bool) -> None:
+    actual = sha256_of_file(path)
+    if actual == expected:
+        return
+    if regenerated:
+        raise DatasetError(
+            f"{path}: regenerated {name} has sha256 {actual}, but the suite manifest {manifest_path} expects {expected}. "
+            f"Regeneration is deterministic only with the library versions the manifest records under 'libraries' "
+            f"(yours: {library_versions()}); the file was kept for inspection."
+        )
+    raise DatasetError(
+        f"{path}: sha256 {actual} does not match the suite manifest {manifest_path} for {name} (expected {expected}); "
+        f"the file was modified or truncated. Delete it and kinema regenerates it on next use."
+    )
+
+
+def ensure_suite_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    size: str = "default",
+    manifest_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    policies_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Path of suite dataset ``name``, regenerated first if absent; checksum verified.
+
+    Raises DatasetError (naming the file, expected and actual sha256) when the file does
+    not match the manifest. Full-size files have no pinned checksum and are not verified.
+    """
+    manifest_path = Path(manifest_path) if manifest_path is not None else SUITE_MANIFEST
+    manifest = load_manifest(manifest_path)
+    entry = _entry(name, manifest, manifest_path)
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+    path = dataset_path(name, size, data_dir)
+    regenerated = False
+    if not path.exists():
+        regenerated = True
+        estimate = entry.get("regeneration_s")
+        note = ""
+        if estimate and size == "default":
+            note = f", about {estimate:.0f} s" if estimate < 90 else f", about {estimate / 60:.0f} min"
+            note += " on a 2-core CPU"
+        print(f"kinema: generating {name} ({size} size) into {path}{note}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+
+        def part(part_name: str) -> OfflineDataset:
+            return read_d4rl_hdf5(ensure_suite_dataset(part_name, data_dir, size, manifest_path, progress, policies_dir))
+
+        # "default" means the size the manifest was built at (200,000 for the shipped one).
+        generation_size = manifest.get("size", "default") if size == "default" else size
+        dataset = generate_dataset(name, generation_size, manifest=manifest, policies_dir=policies_dir, progress=progress,
+                                   part_loader=part)
+        write_d4rl_hdf5(dataset, path)
+        print(f"kinema: generated {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    if size == "default":
+        verify_checksum(path, entry["sha256"], name, manifest_path, regenerated)
+    return path
+
+
+def load_suite_dataset(name: str, data_dir: str | os.PathLike | None = None, size: str = "default") -> OfflineDataset:
+    return read_d4rl_hdf5(ensure_suite_dataset(name, data_dir, size))
+
+
+# ---------------------------------------------------------------------------------------
+# Building the manifest (maintainers: after training / exporting behaviour policies)
+# ---------------------------------------------------------------------------------------
+
+
+def reference_scores(task: str, policies_dir: str | os.PathLike | None = None, episodes: int = REFERENCE_EPISODES) -> dict[str, Any]:
+    """Minari-style reference returns of a task: random and expert policy, ``episodes`` each."""
+    spec = get_task(task)
+    directory = Path(policies_dir) / task if policies_dir is not None else None
+    policies = committed_policies(task, directory)
+    random_returns = episode_returns(task, UniformRandomPolicy.for_task(task), episodes, seed=REFERENCE_SEEDS["random"])
+    expert = load_committed_actor(task, policies["expert"]["snapshot"], directory)
+    expert_returns = episode_returns(task, expert, episodes, seed=REFERENCE_SEEDS["expert"])
+    return {
+        "ref_min_score": float(random_returns.mean()), "ref_max_score": float(expert_returns.mean()),
+        "random_return_std": float(random_returns.std()), "expert_return_std": float(expert_returns.std()),
+        "ref_episodes": episodes, "ref_seeds": REFERENCE_SEEDS,
+        "d4rl_ref_min": spec.d4rl_ref_min, "d4rl_ref_max": spec.d4rl_ref_max,
+        "expert_snapshot": policies["expert"]["snapshot"],
+    }
+
+
+def _behaviour_summary(task: str, policies: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "expert_snapshot": policies["expert"]["snapshot"], "expert_steps": policies["expert"]["steps"],
+        "medium_snapshot": policies["medium"]["snapshot"], "medium_steps": policies["medium"]["steps"],
+        "replay_snapshots": len(policies["replay"]), "behaviour_trained_steps": policies.get("trained_steps"),
+        "behaviour_training_wall_time_s": policies.get("training_wall_time_s"),
+        "behaviour_policies": f"behaviour_policies/{task}/policies.json",
+    }
+
+
+def build_manifest(
+    tasks: list[str] | None = None,
+    directory: str | os.PathLike | None = None,
+    manifest_path: str | os.PathLike | None = None,
+    size: str | int = "default",
+    policies_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Regenerate the datasets of ``tasks`` and record their statistics and checksums.
+
+    Existing reference returns are reused while the task's expert snapshot is unchanged.
+    Other tasks' entries in the manifest are kept.
+    """
+    manifest_path = Path(manifest_path) if manifest_path is not None else SUITE_MANIFEST
+    manifest = load_manifest(manifest_path) if manifest_path.exists() else {"format": SUITE_FORMAT, "tasks": {}, "datasets": {}}
+    policies_root = Path(policies_dir) if policies_dir is not None else COMMITTED_POLICIES_DIR
+    tasks = tasks or [t for t in SUITE_TASKS if (policies_root / t / "policies.json").is_file()]
+    if not tasks:
+        raise FileNotFoundError(f"{policies_root}: no committed behaviour policies; train and export them first")
+    manifest.update(
+        default_transitions=DEFAULT_TRANSITIONS, full_transitions=FULL_TRANSITIONS, libraries=library_versions(),
+        note="sha256 is of the file regenerated at the manifest's size; regeneration is bit-exact with the recorded libraries",
+    )
+    manifest["size"] = size
+    for task in tasks:
+        previous = manifest["tasks"].get(task)
+        policies = committed_policies(task, policies_root / task)
+        if previous is None or previous.get("expert_snapshot") != policies["expert"]["snapshot"]:
+            log(f"[{task}] measuring reference returns ({REFERENCE_EPISODES} episodes each of random and expert)")
+            manifest["tasks"][task] = reference_scores(task, policies_root if policies_dir is not None else None)
+        manifest["tasks"][task].update(_behaviour_summary(task, policies))
+        refs = manifest["tasks"][task]
+        generated: dict[str, OfflineDataset] = {}
+        for kind in KINDS:
+            name = f"{task}-{kind}"
+            start = time.perf_counter()
+            dataset = generate_dataset(
+                name, size, refs=refs, manifest=manifest, policies_dir=policies_dir, progress=True,
+                part_loader=lambda part: generated[part],
+            )
+            path = dataset_path(name, "default", directory)  # the manifest's size is its default
+            write_d4rl_hdf5(dataset, path)
+            elapsed = time.perf_counter() - start
+            if kind == "medium-expert":
+                elapsed += manifest["datasets"][f"{task}-medium"]["regeneration_s"] + manifest["datasets"][f"{task}-expert"]["regeneration_s"]
+            generated[name] = read_d4rl_hdf5(path)
+            summary = dataset.summary()
+            manifest["datasets"][name] = {
+                "task": task, "kind": kind, "transitions": summary["transitions"], "episodes": summary["episodes"],
+                "return_mean": summary["return_mean"], "return_std": summary["return_std"],
+                "return_min": summary["return_min"], "return_max": summary["return_max"],
+                "terminals": summary["terminals"], "timeouts": summary["timeouts"],
+                "ref_min_score": refs["ref_min_score"], "ref_max_score": refs["ref_max_score"],
+                "normalized_return_mean": 100.0 * (summary["return_mean"] - refs["ref_min_score"]) / (refs["ref_max_score"] - refs["ref_min_score"]),
+                "d4rl_ref_min": refs["d4rl_ref_min"], "d4rl_ref_max": refs["d4rl_ref_max"],
+                "behaviour_training_steps": dataset.metadata["behaviour_training_steps"],
+                "collection_seed": dataset.metadata["collection_seed"],
+                "size_bytes": path.stat().st_size, "regeneration_s": round(elapsed, 1),
+                "sha256": sha256_of_file(path),
+            }
+            log(f"[{name}] {summary['transitions']} transitions, {summary['episodes']} episodes, "
+                f"return {summary['return_mean']:.1f} [{summary['return_min']:.1f}, {summary['return_max']:.1f}], {elapsed:.0f} s")
+        _write_manifest(manifest, manifest_path)
+    ordered = {f"{t}-{k}": manifest["datasets"][f"{t}-{k}"] for t in SUITE_TASKS for k in KINDS if f"{t}-{k}" in manifest["datasets"]}
+    manifest["datasets"] = ordered
+    _write_manifest(manifest, manifest_path)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------
+# The embedded default dataset
+# ---------------------------------------------------------------------------------------
+
+EMBEDDED_SOURCE = "hopper-medium-replay"
+EMBEDDED_NAME = "hopper-medium-replay-slice"
+EMBEDDED_EVERY_NTH_EPISODE = 5
+
+
+def embedded_dataset_path() -> Path:
+    return EMBEDDED_DIR / f"{EMBEDDED_NAME}.hdf5"
+
+
+def make_embedded_dataset(
+    source_path: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    every_nth_episode: int = EMBEDDED_EVERY_NTH_EPISODE,
+    manifest_path: str | os.PathLike | None = None,
+    directory: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Every n-th episode of hopper-medium-replay (so the slice still spans random to
+    medium), written gzip-compressed; recorded in the manifest under 'embedded'."""
+    manifest_path = Path(manifest_path) if manifest_path is not None else SUITE_MANIFEST
+    source_path = Path(source_path) if source_path is not None else ensure_suite_dataset(EMBEDDED_SOURCE, directory, manifest_path=manifest_path)
+    output = Path(output) if output is not None else embedded_dataset_path()
+    source = read_d4rl_hdf5(source_path)
+    selected = source.select_episodes(np.arange(0, source.num_episodes, every_nth_episode))
+    metadata = dict(source.metadata)
+    metadata.update(dataset_name=EMBEDDED_NAME, slice_of=EMBEDDED_SOURCE, slice_rule=f"every {every_nth_episode}th episode",
+                    slice_source_sha256=sha256_of_file(source_path))
+    sliced = OfflineDataset(
+        observations=selected.observations, actions=selected.actions, rewards=selected.rewards,
+        terminals=selected.terminals, timeouts=selected.timeouts, next_observations=selected.next_observations,
+        infos=selected.infos, metadata=metadata, source=EMBEDDED_NAME,
+    )
+    write_d4rl_hdf5(sliced, output, compression="gzip")
+    summary = sliced.summary()
+    record = {"file": f"embedded/{output.name}", "slice_of": EMBEDDED_SOURCE, "slice_rule": metadata["slice_rule"],
+              **{key: summary[key] for key in ("transitions", "episodes", "return_mean", "return_min", "return_max")},
+              "size_bytes": output.stat().st_size, "sha256": sha256_of_file(output)}
+    manifest = load_manifest(manifest_path)
+    manifest["embedded"] = record
+    _write_manifest(manifest, manifest_path)
+    return record
+
+
+def describe_suite(manifest: dict[str, Any] | None = None, directory: str | os.PathLike | None = None) -> str:
+    """The table ``kinema-collect --list`` prints."""
+    manifest = manifest or load_manifest()
+    lines = [f"{'dataset':<28} {'transitions':>11} {'episodes':>8} {'return mean':>11} {'[min, max]':>20} {'normalised':>10}  cached"]
+    for name, entry in manifest["datasets"].items():
+        cached = "yes" if dataset_path(name, "default", directory).exists() else "no"
+        span = f"[{entry['return_min']:.0f}, {entry['return_max']:.0f}]"
+        lines.append(f"{name:<28} {entry['transitions']:>11,} {entry['episodes']:>8,} {entry['return_mean']:>11.1f} {span:>20} "
+                     f"{entry['normalized_return_mean']:>10.1f}  {cached}")
+    lines.append(f"cache: {data_dir(directory)} (set KINEMA_DATA to move it); regenerate with kinema-collect dataset=<name>")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""The benchmark suite: deterministic regeneration, the manifest checksum check, the shipped suite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from kinema.datasets.behaviour import _make_training_env, _new_model, committed_policies, load_committed_actor, save_actor
+from kinema.datasets.d4rl_io import read_d4rl_hdf5
+from kinema.datasets.errors import DatasetError
+from kinema.datasets.suite import (
+    KINDS, SUITE_MANIFEST, build_manifest, embedded_dataset_path, ensure_suite_dataset, generate_dataset, load_manifest,
+    sha256_of_file,
+)
+from kinema.envs import get_task
+
+SMALL = 300  # transitions per collected dataset in these tests
+MANIFEST_KEYS = ("transitions", "episodes", "return_mean", "return_min", "return_max", "ref_min_score", "ref_max_score", "sha256")
+
+
+@pytest.fixture(scope="module")
+def policies_root(tmp_path_factory) -> Path:
+    """Committed-style hopper policies from four untrained PPO learners: replay 0 and 4096, medium, expert."""
+    root = tmp_path_factory.mktemp("policies")
+    directory = root / "hopper"
+    names = {}
+    for seed, steps in enumerate((0, 4096, 8192, 12288)):
+        vec_env = _make_training_env(get_task("hopper"), seed)
+        vec_env.reset()
+        for _ in range(10):
+            vec_env.step(np.stack([vec_env.action_space.sample() for _ in range(vec_env.num_envs)]))
+        names[steps] = f"step_{steps:09d}"
+        save_actor(_new_model(vec_env, seed), vec_env, directory / names[steps],
+                   {"task": "hopper", "training_steps": steps, "training_seed": 0})
+    manifest = {
+        "task": "hopper", "algorithm": "PPO (stable-baselines3)", "recipe": {"n_steps": 512}, "training_seed": 0,
+        "expert": {"steps": 12288, "snapshot": names[12288]}, "medium": {"steps": 8192, "snapshot": names[8192]},
+        "replay": [{"steps": 0, "snapshot": names[0]}, {"steps": 4096, "snapshot": names[4096]}],
+    }
+    (directory / "policies.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_suite(policies_root, tmp_path_factory) -> tuple[Path, Path]:
+    """A manifest built at SMALL transitions, and the cache it was built in."""
+    work = tmp_path_factory.mktemp("suite")
+    manifest_path = work / "suite.json"
+    build_manifest(["hopper"], work / "built", manifest_path, size=SMALL, policies_dir=policies_root, log=lambda line: None)
+    return manifest_path, work / "built"
+
+
+def test_manifest_records_every_dataset(small_suite) -> None:
+    manifest = load_manifest(small_suite[0])
+    assert list(manifest["datasets"]) == [f"hopper-{kind}" for kind in KINDS]
+    for name, entry in manifest["datasets"].items():
+        for key in MANIFEST_KEYS:
+            assert key in entry, (name, key)
+        assert len(entry["sha256"]) == 64
+    assert manifest["datasets"]["hopper-medium-expert"]["transitions"] == 2 * SMALL
+    refs = manifest["tasks"]["hopper"]
+    assert refs["ref_episodes"] == 100 and refs["d4rl_ref_max"] == 3234.3
+    assert manifest["datasets"]["hopper-medium"]["ref_max_score"] == refs["ref_max_score"]
+
+
+def test_regeneration_is_deterministic(small_suite, policies_root, tmp_path) -> None:
+    manifest_path, built = small_suite
+    for name in ("hopper-random", "hopper-medium-replay", "hopper-medium-expert"):
+        path = ensure_suite_dataset(name, tmp_path / "fresh", manifest_path=manifest_path, progress=False,
+                                    policies_dir=policies_root)
+        assert path.read_bytes() == (built / f"{name}.hdf5").read_bytes()
+        assert sha256_of_file(path) == load_manifest(manifest_path)["datasets"][name]["sha256"]
+    replay = read_d4rl_hdf5(tmp_path / "fresh" / "hopper-medium-replay.hdf5")
+    assert replay.metadata["behaviour_training_steps"] == [0, 4096]
+    assert replay.metadata["ref_min_score"] == load_manifest(manifest_path)["tasks"]["hopper"]["ref_min_score"]
+    assert set(replay.infos) == {"qpos", "qvel"}
+    # medium-expert is medium followed by expert.
+    both = read_d4rl_hdf5(tmp_path / "fresh" / "hopper-medium-expert.hdf5")
+    medium = read_d4rl_hdf5(tmp_path / "fresh" / "hopper-medium.hdf5")
+    np.testing.assert_array_equal(both.observations[:SMALL], medium.observations)
+
+
+def test_a_tampered_file_is_refused(small_suite, tmp_path) -> None:
+    manifest_path, built = small_suite
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / "hopper-random.hdf5"
+    shutil.copyfile(built / "hopper-random.hdf5", path)
+    assert ensure_suite_dataset("hopper-random", cache, manifest_path=manifest_path) == path
+    with h5py.File(path, "r+") as file:
+        file["rewards"][0] = file["rewards"][0] + 1.0
+    expected = load_manifest(manifest_path)["datasets"]["hopper-random"]["sha256"]
+    with pytest.raises(DatasetError) as error:
+        ensure_suite_dataset("hopper-random", cache, manifest_path=manifest_path)
+    message = str(error.value)
+    assert str(path) in message and expected in message and sha256_of_file(path) in message
+    assert "does not match" in message and "Delete it" in message
+    path.unlink()  # deleting it is the cure: regenerated, verified
+    assert sha256_of_file(ensure_suite_dataset("hopper-random", cache, manifest_path=manifest_path)) == expected
+
+
+def test_regeneration_that_differs_from_the_manifest_is_reported(small_suite, tmp_path) -> None:
+    manifest = load_manifest(small_suite[0])
+    manifest["datasets"]["hopper-random"]["sha256"] = "0" * 64
+    manifest_path = tmp_path / "suite.json"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="regenerated hopper-random has sha256 .* library versions"):
+        ensure_suite_dataset("hopper-random", tmp_path / "cache", manifest_path=manifest_path, progress=False)
+    with pytest.raises(DatasetError, match="'hopper-nope' is not in the suite manifest"):
+        ensure_suite_dataset("hopper-nope", tmp_path / "cache", manifest_path=manifest_path)
+
+
+def test_small_generation_matches_twice_in_memory(policies_root) -> None:
+    refs = {"ref_min_score": 0.0, "ref_max_score": 1.0, "d4rl_ref_min": None, "d4rl_ref_max": None}
+    first = generate_dataset("hopper-expert", 120, refs=refs, policies_dir=policies_root)
+    again = generate_dataset("hopper-expert", 120, refs=refs, policies_dir=policies_root)
+    np.testing.assert_array_equal(first.actions, again.actions)
+    assert first.metadata["behaviour_training_steps"] == 12288 and first.metadata["kind"] == "expert"
+    with pytest.raises(DatasetError, match="not a suite dataset name"):
+        generate_dataset("hopper-mediocre", 10, refs=refs)
+
+
+@pytest.mark.slow
+def test_cli_regenerates_and_verifies(cli, small_suite, tmp_path) -> None:
+    manifest_path, _ = small_suite
+    args = [cli.script("kinema-collect"), "dataset=hopper-random", f"manifest={manifest_path}", f"data_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = cli.run(args, cwd=tmp_path)
+    assert "sha256 verified" in proc.stdout and (tmp_path / "hopper-random.hdf5").is_file()
+    with h5py.File(tmp_path / "hopper-random.hdf5", "r+") as file:
+        file["actions"][0, 0] = 0.123
+    refused = cli.run(args, cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "does not match the suite manifest" in refused.stderr
+
+
+# -- the suite shipped in the repository ------------------------------------------------------
+
+
+def shipped_manifest() -> dict:
+    return load_manifest(SUITE_MANIFEST)
+
+
+def test_shipped_manifest_entries_and_policies() -> None:
+    manifest = shipped_manifest()
+    assert {"hopper", "walker2d", "halfcheetah"} <= set(manifest["tasks"])
+    for task in manifest["tasks"]:
+        for kind in KINDS:
+            entry = manifest["datasets"][f"{task}-{kind}"]
+            for key in MANIFEST_KEYS:
+                assert key in entry, (task, kind, key)
+        policies = committed_policies(task)
+        for snapshot in [policies["expert"], policies["medium"], *policies["replay"]]:
+            load_committed_actor(task, snapshot["snapshot"])  # loads, and fits the task's spaces
+
+
+def test_shipped_suite_has_the_d4rl_shape() -> None:
+    datasets = shipped_manifest()["datasets"]
+    for task in shipped_manifest()["tasks"]:
+        random, medium, expert = (datasets[f"{task}-{kind}"]["return_mean"] for kind in ("random", "medium", "expert"))
+        replay = datasets[f"{task}-medium-replay"]
+        assert 0.2 < (medium - random) / (expert - random) < 0.5, task  # medium ~ a third of expert
+        assert expert > 2 * medium, task
+        assert replay["return_min"] < random + 0.1 * (expert - random), task  # starts near random
+        assert replay["return_max"] > medium, task  # reaches medium
+
+
+def test_embedded_dataset_is_the_recorded_slice() -> None:
+    record = shipped_manifest()["embedded"]
+    path = embedded_dataset_path()
+    assert path.stat().st_size == record["size_bytes"] <= 10 * 1024 * 1024
+    assert sha256_of_file(path) == record["sha256"]
+    dataset = read_d4rl_hdf5(path)
+    assert dataset.num_transitions == record["transitions"]
+    assert dataset.metadata["slice_of"] == "hopper-medium-replay"
+    assert dataset.reference_returns == (shipped_manifest()["tasks"]["hopper"]["ref_min_score"],
+                                         shipped_manifest()["tasks"]["hopper"]["ref_max_score"])
