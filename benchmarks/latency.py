@@ -1,0 +1,140 @@
+"""Per-action latency at batch 1: kinema's rollout path against HuggingFace-style full-window recompute.
+
+    python benchmarks/latency.py            # 10 episodes x 200 steps per variant, 1 and 2 threads
+    python benchmarks/latency.py --quick    # a smoke run
+
+Each variant plays whole episodes the way a controller calls a policy: ``reset(1,
+target_return=3600)`` once, then per step ``act(obs)`` (timed, one sample per call) and
+``observe_reward(r)`` (not timed). Episodes of 200 steps are ten times the context K = 20,
+so most calls happen after the context has started to slide. Observations and rewards are
+random (no simulator in the timing). Variants, interleaved episode by episode after one
+unrecorded warm-up episode each:
+
+- ``kinema_dt``: kinema's DT as configured by default (KV cache while the context fills,
+  then one batched window recompute per step, which sliding requires for exact DT);
+- ``kinema_dt_recompute``: the same model with ``use_kv_cache = False`` (recompute every step);
+- ``kinema_dt_streaming``: ``attention_window=20``, decoded through the KV-cache ring
+  with no recompute (a banded model; what a long-running controller would deploy);
+- ``hf_dt``: HF's ``DecisionTransformerModel`` re-run on the whole left-padded window at
+  every step, as HF's and kzl's evaluation loops do.
+
+Reported: p50 and p99 over all calls, and p50 separately for calls made while the context
+fills (step < K) and once it slides (step >= K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from bench_utils import RunRecord, default_output, interleave, parse_threads, print_table, ratio, summarize_ms
+from hf_peer import build_hf_dt
+from kinema.policies import Policy
+from train_speed import hopper_spec, kinema_dt
+
+NAME = "latency"
+CONTEXT_LEN = 20
+TARGET_RETURN = 3600.0
+
+
+def build_variants() -> dict[str, Policy]:
+    torch.manual_seed(0)
+    spec, stats = hopper_spec()
+    recompute = kinema_dt(spec, stats)
+    recompute.use_kv_cache = False
+    variants = {
+        "kinema_dt": kinema_dt(spec, stats),
+        "kinema_dt_recompute": recompute,
+        "kinema_dt_streaming": kinema_dt(spec, stats, attention_window=CONTEXT_LEN),
+        "hf_dt": build_hf_dt(spec, stats),
+    }
+    for policy in variants.values():
+        policy.eval()
+    return variants
+
+
+def make_episode(policy: Policy, observations: np.ndarray, rewards: np.ndarray) -> Callable[[], np.ndarray]:
+    """One episode: per-step act() durations in seconds."""
+
+    def episode() -> np.ndarray:
+        durations = np.empty(len(observations))
+        policy.reset(1, target_return=TARGET_RETURN)
+        for step, obs in enumerate(observations):
+            start = time.perf_counter()
+            policy.act(obs)  # act() runs under torch.no_grad() itself, as evaluate() calls it
+            durations[step] = time.perf_counter() - start
+            policy.observe_reward(rewards[step])
+        return durations
+
+    return episode
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--episodes", type=int, default=10, help="measured episodes per variant and thread count")
+    parser.add_argument("--episode-steps", type=int, default=200)
+    parser.add_argument("--threads", default="2,1", help="comma-separated torch thread counts")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 episode of 25 steps, 1 thread")
+    parser.add_argument("--out", type=Path, default=default_output(NAME))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.episodes, args.episode_steps, args.threads = 1, CONTEXT_LEN + 5, "1"
+    if args.episodes < 1 or args.episode_steps < 1:
+        raise ValueError("--episodes and --episode-steps must be positive")
+    thread_counts = parse_threads(args.threads)
+    record = RunRecord(NAME, argv)
+    original_threads = torch.get_num_threads()
+
+    variants = build_variants()
+    rng = np.random.default_rng(0)
+    observations = rng.normal(size=(args.episode_steps, 1, variants["hf_dt"].spec.obs_dim)).astype(np.float32)
+    rewards = rng.uniform(0.0, 3.0, size=(args.episode_steps, 1))
+    results = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            episodes = {name: make_episode(policy, observations, rewards) for name, policy in variants.items()}
+            recorded = interleave(episodes, rounds=args.episodes, warmup=1, label=f"{threads} thread(s):")
+            per_variant = {}
+            for name, runs in recorded.items():
+                durations = np.stack(runs)  # (episodes, steps)
+                stats = summarize_ms(durations.ravel())
+                stats["filling_median_ms"] = summarize_ms(durations[:, :CONTEXT_LEN].ravel())["median_ms"]
+                if args.episode_steps > CONTEXT_LEN:
+                    stats["sliding_median_ms"] = summarize_ms(durations[:, CONTEXT_LEN:].ravel())["median_ms"]
+                per_variant[name] = stats
+            results.append({
+                "threads": threads,
+                "act_latency": per_variant,
+                "ratio_hf_over_kinema_p50": ratio(per_variant["hf_dt"]["median_ms"], per_variant["kinema_dt"]["median_ms"]),
+                "ratio_hf_over_kinema_streaming_p50": ratio(per_variant["hf_dt"]["median_ms"], per_variant["kinema_dt_streaming"]["median_ms"]),
+            })
+    finally:
+        torch.set_num_threads(original_threads)
+
+    rows = []
+    for entry in results:
+        for name, stat in entry["act_latency"].items():
+            rows.append([entry["threads"], name, stat["median_ms"], stat["p99_ms"], stat["filling_median_ms"],
+                         stat.get("sliding_median_ms", "-"), stat["count"],
+                         ratio(entry["act_latency"]["hf_dt"]["median_ms"], stat["median_ms"])])
+    print(f"act() latency at batch 1, episodes of {args.episode_steps} steps, K={CONTEXT_LEN}, 3x128, 1 head, hopper dims")
+    print_table(["threads", "variant", "p50 ms", "p99 ms", "p50 filling", "p50 sliding", "calls", "hf_dt / this"], rows)
+    return record.finish(
+        {
+            "config": {"context_len": CONTEXT_LEN, "episode_steps": args.episode_steps, "episodes": args.episodes,
+                       "target_return": TARGET_RETURN, "batch": 1, "quick": args.quick},
+            "hf_attention_implementation": variants["hf_dt"].attention_implementation,
+            "results": results,
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

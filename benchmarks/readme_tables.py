@@ -1,0 +1,235 @@
+"""Turn the benchmark JSON files into the README's markdown tables.
+
+    python benchmarks/readme_tables.py            # rewrite the block between the markers in README.md
+    python benchmarks/readme_tables.py --print    # only print the tables
+
+The README block sits between ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->``;
+everything between them is replaced, nothing else is touched. Without the markers the
+tables are printed and the command exits with status 2. A benchmark whose JSON is missing
+is left out (and named on stderr). Numbers are never typed into the README by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+SUITE_START, SUITE_END = "<!-- suite:start -->", "<!-- suite:end -->"
+SUITE_MANIFEST = BENCH_DIR.parent / "datasets" / "suite.json"
+POLICY_ORDER = ("dt", "at", "hf_dt", "bc")
+POLICY_LABELS = {"dt": "kinema DT", "at": "kinema AT", "hf_dt": "HF DT", "bc": "BC"}
+
+
+class MarkersMissing(ValueError):
+    pass
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _provenance(data: dict[str, Any], file: str) -> str:
+    machine = data.get("machine", {})
+    commit = (machine.get("git_commit") or "unknown")[:12]
+    text = (
+        f"<sub>`{data.get('command', '')}` → `benchmarks/results/{file}`; {machine.get('cpu_model', '?')}, "
+        f"torch {machine.get('torch_version', '?')}, {machine.get('date', '?')}, commit {commit}, "
+        f"load average before {data.get('load_average_before')} / after {data.get('load_average_after')}"
+    )
+    if (data.get("config") or data.get("protocol") or {}).get("quick"):
+        text += " — **quick smoke run, not a measurement**"
+    return text + ".</sub>"
+
+
+def train_speed_section(data: dict[str, Any]) -> str:
+    config = data["config"]
+    rows = []
+    for entry in data["results"]:
+        times = entry["step_time"]
+        bf16 = times.get("kinema_dt_bf16")
+        rows.append([
+            entry["threads"], _fmt(times["kinema_dt"]["median_ms"], 1), _fmt(times["hf_dt"]["median_ms"], 1),
+            f"**{_fmt(entry['ratio_hf_over_kinema'])}×**",
+            _fmt(bf16["median_ms"], 1) if bf16 else "–", _fmt(entry.get("ratio_fp32_over_bf16")) + "×" if bf16 else "–",
+        ])
+    headers = ["threads", "kinema DT (ms)", "HF DT (ms)", "HF / kinema", "kinema DT bf16 (ms)", "fp32 / bf16"]
+    intro = (
+        f"**Training step** (forward + backward + AdamW), batch {config['batch_size']}, K=20, 3 layers × 128, 1 head, "
+        f"Hopper dims, random windows; median of {config['steps']} interleaved steps after {config['warmup']} warm-up. "
+        f"bf16: {data.get('bf16') or 'not measured'}."
+    )
+    return "\n\n".join([intro, _table(headers, rows), _provenance(data, "train_speed.json")])
+
+
+def latency_section(data: dict[str, Any]) -> str:
+    config = data["config"]
+    rows = []
+    for entry in data["results"]:
+        for name, stat in entry["act_latency"].items():
+            rows.append([entry["threads"], f"`{name}`", _fmt(stat["median_ms"], 3), _fmt(stat["p99_ms"], 3),
+                         _fmt(stat.get("filling_median_ms"), 3), _fmt(stat.get("sliding_median_ms"), 3)])
+    headers = ["threads", "variant", "p50 (ms)", "p99 (ms)", "p50 while the context fills", "p50 once it slides"]
+    intro = (
+        f"**Per-action latency**, batch 1: `reset` then one timed `act` per step over episodes of "
+        f"{config['episode_steps']} steps (K={config['context_len']}), {config['episodes']} episodes per variant, interleaved."
+    )
+    return "\n\n".join([intro, _table(headers, rows), _provenance(data, "latency.json")])
+
+
+def eval_throughput_section(data: dict[str, Any]) -> str:
+    config = data["config"]
+    rows = []
+    for entry in data["results"]:
+        for name, stat in entry["throughput"].items():
+            rows.append([entry["threads"], f"`{name}`", _fmt(stat["env_steps_per_s_median"], 0),
+                         _fmt(stat["ratio_over_sequential"]) + "×"])
+    headers = ["threads", "variant", "env-steps/s", "vs sequential batch-1"]
+    intro = (
+        f"**Evaluation throughput**, {config['task']}, {config['episodes']} episodes × {config['episode_steps']} steps, "
+        f"randomly initialised DT; median of {config['repeats']} interleaved repeats."
+    )
+    return "\n\n".join([intro, _table(headers, rows), _provenance(data, "eval_throughput.json")])
+
+
+def quality_section(data: dict[str, Any]) -> str:
+    protocol = data["protocol"]
+    table = data["table"]
+    budgets = sorted({(row["steps"], row["batch_size"]) for row in table}, key=lambda b: tuple(map(str, b)))
+    parts = [
+        f"**Policy quality**: normalised score (dataset reference returns), {protocol['reported']}; "
+        f"{protocol['eval_episodes']} evaluation episodes per seed; transformers use the DT recipe "
+        f"(AdamW {protocol['transformer_recipe']['lr']}, warm-up {protocol['transformer_recipe']['warmup_steps']}); "
+        f"target return: {protocol['target_return']}."
+    ]
+    for steps, batch_size in budgets:
+        rows_here = [row for row in table if (row["steps"], row["batch_size"]) == (steps, batch_size)]
+        policies = [p for p in POLICY_ORDER if any(r["policy"] == p for r in rows_here)]
+        policies += sorted({r["policy"] for r in rows_here} - set(policies))
+        datasets = sorted({r["dataset"] for r in rows_here})
+        by_key = {(r["dataset"], r["policy"]): r for r in rows_here}
+        rows = []
+        for dataset in datasets:
+            info = data.get("datasets", {}).get(dataset, {})
+            row = [dataset, _fmt(info.get("normalized_return_mean"), 1)]
+            for policy in policies:
+                cell = by_key.get((dataset, policy))
+                if cell is None or cell["score_mean"] is None:
+                    row.append("–")
+                else:
+                    row.append(f"{cell['score_mean']:.1f} ± {cell['score_std']:.1f} ({len(cell['seeds'])})")
+            rows.append(row)
+        headers = ["dataset", "dataset average"] + [POLICY_LABELS.get(p, p) for p in policies]
+        parts.append(f"{steps} steps, batch {batch_size} — mean ± std over seeds (number of seeds):")
+        parts.append(_table(headers, rows))
+        trial_rows = []
+        for (dataset, policy), cell in sorted(by_key.items()):
+            trials = cell.get("trials")
+            if trials:
+                trial_rows.append([dataset, POLICY_LABELS.get(policy, policy), trials["n"],
+                                   *(f"{_fmt(trials[f'{k}_mean'], 1)} ± {_fmt(trials[f'{k}_std'], 1)}"
+                                     for k in ("first", "last", "best_of_n")), trials["seeds"]])
+        if trial_rows:
+            parts.append("Several trials in one context (compare like with like; best-of-n is the AT paper's number):")
+            parts.append(_table(["dataset", "policy", "trials", "first trial", "last trial", "best of n", "seeds"], trial_rows))
+    pending = [c for c in data.get("grid_status", []) if c["state"] != "done"]
+    if pending:
+        parts.append(f"Grid in progress: {len(pending)} of {len(data['grid_status'])} cells not finished yet.")
+    parts.append(_provenance(data, "quality.json"))
+    return "\n\n".join(parts)
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "train_speed": train_speed_section,
+    "latency": latency_section,
+    "eval_throughput": eval_throughput_section,
+    "quality": quality_section,
+}
+
+
+def render(results_dir: Path) -> tuple[str, list[str]]:
+    """(markdown of every available benchmark, names of the missing ones)."""
+    sections, missing = [], []
+    for name, section in SECTIONS.items():
+        path = results_dir / f"{name}.json"
+        if not path.is_file():
+            missing.append(name)
+            continue
+        try:
+            data = json.loads(path.read_text())
+            sections.append(section(data))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a {name} benchmark result ({type(error).__name__}: {error})") from error
+    return "\n\n".join(sections), missing
+
+
+def replace_block(readme_text: str, block: str, readme: Path, start_marker: str = START, end_marker: str = END) -> str:
+    start, end = readme_text.find(start_marker), readme_text.find(end_marker)
+    if start < 0 or end < 0 or end < start:
+        raise MarkersMissing(
+            f"{readme} has no `{start_marker}` ... `{end_marker}` block to rewrite; add both markers where the tables belong"
+        )
+    return readme_text[: start + len(start_marker)] + "\n" + block + "\n" + readme_text[end:]
+
+
+def suite_section(manifest: dict[str, Any]) -> str:
+    """The dataset suite as regenerated (datasets/suite.json): size and returns of the data itself."""
+    rows = []
+    for name, entry in manifest["datasets"].items():
+        rows.append([
+            f"`{name}`", f"{entry['episodes']:,}", f"{entry['transitions']:,}", f"{entry['return_mean']:.1f}",
+            f"{entry['return_min']:.1f}", f"{entry['return_max']:.1f}", _fmt(entry.get("normalized_return_mean"), 1),
+            f"`{entry['sha256'][:12]}`",
+        ])
+    headers = ["dataset", "episodes", "transitions", "return mean", "min", "max", "normalised score of the data", "sha256"]
+    return (
+        _table(headers, rows)
+        + f"\n\n<sub>From `datasets/suite.json` ({manifest.get('size', 'default')} size); normalised with the "
+        "suite's own reference returns. Regenerate with `kinema-collect dataset=all`.</sub>"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--readme", type=Path, default=BENCH_DIR.parent / "README.md")
+    parser.add_argument("--print", dest="print_only", action="store_true", help="print the tables, leave the README alone")
+    args = parser.parse_args(argv)
+    block, missing = render(args.results_dir)
+    if missing:
+        print(f"no results yet for: {', '.join(missing)} (run python benchmarks/<name>.py)", file=sys.stderr)
+    if args.print_only:
+        print(block)
+        return 0
+    try:
+        text = args.readme.read_text()
+        updated = replace_block(text, block, args.readme)
+        if SUITE_MANIFEST.is_file():
+            suite = suite_section(json.loads(SUITE_MANIFEST.read_text()))
+            updated = replace_block(updated, suite, args.readme, SUITE_START, SUITE_END)
+    except (OSError, MarkersMissing) as error:
+        print(block)
+        print(f"\nreadme_tables: {error}", file=sys.stderr)
+        return 2
+    if updated != text:
+        args.readme.write_text(updated)
+    print(f"updated {args.readme} ({len(SECTIONS) - len(missing)} benchmark tables)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
