@@ -218,9 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         text = args.readme.read_text()
         updated = replace_block(text, block, args.readme)
-        if SUITE_MANIFEST.is_file():
+        if SUITE_START in updated and SUITE_END in updated:
             suite = suite_section(json.loads(SUITE_MANIFEST.read_text()))
             updated = replace_block(updated, suite, args.readme, SUITE_START, SUITE_END)
+        else:
+            print(f"{args.readme} has no {SUITE_START} block: dataset suite table not written", file=sys.stderr)
     except (OSError, MarkersMissing) as error:
         print(block)
         print(f"\nreadme_tables: {error}", file=sys.stderr)
