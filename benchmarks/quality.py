@@ -361,7 +361,7 @@ def write_aggregate(record: RunRecord, results_dir: Path, runs_dir: Path, args: 
             "target_return": "trainer default per task (hopper 3600, walker2d 5000, halfcheetah 12000)",
             "reported": "last evaluation (final checkpoint); mean ± std (ddof=0) over seeds of per-seed mean normalised score",
             "score_reference": "dataset reference returns (Minari convention); d4rl_score uses D4RL's",
-            "trials": "dt and at: first trial, last trial and best of n trials played in one context (kinema.envs.trials)",
+            "trials_protocol": "dt and at: first trial, last trial and best of n trials played in one context (kinema.envs.trials)",
         },
         "table": aggregate(cells),
         "datasets": datasets,

@@ -26,7 +26,6 @@ Protocol (it decides what the files contain, so it is written down here):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np

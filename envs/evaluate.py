@@ -65,13 +65,26 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def _action_array(raw_actions: Any, num_envs: int, act_dim: int) -> np.ndarray:
+def policy_actions(policy: Any, observations: np.ndarray, active: np.ndarray, action_space: Any,
+                   where: Any) -> np.ndarray:
+    """One batched act() call, checked and clipped to the action box; inactive rows get zeros.
+
+    ``where(index)`` names environment ``index`` (episode, trial, step) in the error for a NaN/inf action.
+    """
+    num_envs, act_dim = observations.shape[0], action_space.shape[0]
+    with torch.no_grad():
+        raw_actions = policy.act(observations)
     if isinstance(raw_actions, torch.Tensor):
         raw_actions = raw_actions.detach().to("cpu", torch.float64).numpy()
     actions = np.array(raw_actions, dtype=np.float64)  # a copy: the policy keeps its own
     if actions.shape != (num_envs, act_dim):
         raise ValueError(f"policy.act returned actions of shape {actions.shape}, expected ({num_envs}, {act_dim})")
-    return actions
+    non_finite = active & ~np.isfinite(actions).all(axis=1)
+    if non_finite.any():
+        index = int(np.flatnonzero(non_finite)[0])
+        raise ValueError(f"policy returned a non-finite action for {where(index)}: {actions[index].tolist()}")
+    actions[~active] = 0.0
+    return np.clip(actions, action_space.low, action_space.high).astype(action_space.dtype)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -188,7 +201,6 @@ def _run_round(
     num_envs = vector_env.num_envs
     episode_slice = slice(first_episode, first_episode + num_envs)
     action_space = vector_env.single_action_space
-    act_dim = action_space.shape[0]
 
     observations, _ = vector_env.reset(seed=[seed + first_episode + index for index in range(num_envs)])
     policy.reset(num_envs, **conditioning)
@@ -197,18 +209,10 @@ def _run_round(
     active = np.ones(num_envs, dtype=bool)
     step = 0
     while active.any():
-        with torch.no_grad():
-            actions = _action_array(policy.act(observations), num_envs, act_dim)
-        non_finite = active & ~np.isfinite(actions).all(axis=1)
-        if non_finite.any():
-            index = int(np.flatnonzero(non_finite)[0])
-            raise ValueError(
-                f"policy returned a non-finite action for environment {index} (episode "
-                f"{first_episode + index}) at step {step}: {actions[index].tolist()}"
-            )
-        actions[~active] = 0.0
-        actions = np.clip(actions, action_space.low, action_space.high).astype(action_space.dtype)
-
+        actions = policy_actions(
+            policy, observations, active, action_space,
+            lambda index: f"environment {index} (episode {first_episode + index}) at step {step}",
+        )
         next_observations, rewards, terminations, truncations, _ = vector_env.step(actions)
         rewards = np.where(active, rewards, 0.0)
         returns[episode_slice] += rewards

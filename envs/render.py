@@ -7,6 +7,7 @@ passes and add nothing to judging a gait. Writing the mp4 needs the optional ext
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ def require_video_writer() -> Any:
     return imageio
 
 
+def _load_triton_before_gl() -> None:
+    """Import triton (when installed) before the first off-screen GL context exists.
+
+    With software EGL (Mesa llvmpipe) the GL driver brings its own LLVM into the process;
+    triton's libtriton loaded after it segfaults at import (seen with triton 3.9, e.g. when
+    FlexAttention compiles after an evaluation video). Loaded first, both work. About a
+    second, paid only by processes that render.
+    """
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+
 def set_fast_rendering(env: gymnasium.Env, fast: bool = True) -> None:
     """Switch MuJoCo's shadows and reflections off (``fast``) or back on for ``env``.
 
@@ -47,6 +60,7 @@ def set_fast_rendering(env: gymnasium.Env, fast: bool = True) -> None:
     renderer = getattr(env.unwrapped, "mujoco_renderer", None)
     if renderer is None:
         raise ValueError(f"{env.spec.id if env.spec else env}: not a MuJoCo environment, cannot set render flags")
+    _load_triton_before_gl()
     viewer = renderer._get_viewer(env.unwrapped.render_mode)
     enabled = 0 if fast else 1
     viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = enabled

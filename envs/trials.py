@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from gymnasium.vector import AutoresetMode
 
-from .evaluate import DEFAULT_MAX_NUM_ENVS
+from .evaluate import DEFAULT_MAX_NUM_ENVS, policy_actions
 from .registry import TaskSpec, get_task, make_vector_env
 from .scores import reference_returns
 
@@ -71,15 +70,6 @@ def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _action_array(raw_actions: Any, num_envs: int, act_dim: int) -> np.ndarray:
-    if isinstance(raw_actions, torch.Tensor):
-        raw_actions = raw_actions.detach().to("cpu", torch.float64).numpy()
-    actions = np.array(raw_actions, dtype=np.float64)
-    if actions.shape != (num_envs, act_dim):
-        raise ValueError(f"policy.act returned actions of shape {actions.shape}, expected ({num_envs}, {act_dim})")
-    return actions
 
 
 def evaluate_trials(
@@ -177,7 +167,6 @@ def _run_round(
     num_envs = vector_env.num_envs
     runs = np.arange(first_run, first_run + num_envs)
     action_space = vector_env.single_action_space
-    act_dim = action_space.shape[0]
     end_episode = getattr(policy, "end_episode", None)
 
     observations, _ = vector_env.reset(seed=[seed + int(run) * trials for run in runs])
@@ -186,17 +175,10 @@ def _run_round(
     active = np.ones(num_envs, dtype=bool)  # the slot's run still has trials to play
     step = 0
     while active.any():
-        with torch.no_grad():
-            actions = _action_array(policy.act(observations), num_envs, act_dim)
-        non_finite = active & ~np.isfinite(actions).all(axis=1)
-        if non_finite.any():
-            index = int(np.flatnonzero(non_finite)[0])
-            raise ValueError(
-                f"policy returned a non-finite action for environment {index} (run {runs[index]}, trial "
-                f"{trial[index]}) at step {step}: {actions[index].tolist()}"
-            )
-        actions[~active] = 0.0
-        actions = np.clip(actions, action_space.low, action_space.high).astype(action_space.dtype)
+        actions = policy_actions(
+            policy, observations, active, action_space,
+            lambda index: f"environment {index} (run {runs[index]}, trial {trial[index]}) at step {step}",
+        )
         observations, rewards, terminations, truncations, _ = vector_env.step(actions)
         rewards = np.where(active, rewards, 0.0)
         returns[runs[active], trial[active]] += rewards[active]

@@ -317,7 +317,7 @@ class DecisionTransformer(Policy):
         np.minimum(state.times, self.config.max_timestep - 1, out=state.clamped_times)
         group = state.embed_group(self.normalize_obs(obs))  # (N, 3, D)
         j = state.write_group
-        start, stop = TOKENS_PER_STEP * j, TOKENS_PER_STEP * (j + 1)
+        start = TOKENS_PER_STEP * j
         state.token_views[j].copy_(group)
         state.slot_pattern[:, ACTION_SLOT] = state.context_steps > 0
         state.valid_views[j].copy_(state.slot_pattern_t)
