@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from .evaluate import DEFAULT_MAX_NUM_ENVS, policy_actions
+from .evaluate import DEFAULT_MAX_NUM_ENVS, _positive_int, policy_actions
 from .registry import TaskSpec, get_task, make_vector_env
 from .scores import reference_returns
 
@@ -64,12 +64,6 @@ class TrialsResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def evaluate_trials(
