@@ -93,6 +93,15 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _checked_counts(episodes: Any, seed: Any, num_envs: Any) -> tuple[int, int, int]:
+    """Validated (episodes, seed, num_envs); num_envs defaults to min(episodes, 10), capped at episodes."""
+    episodes = _positive_int(episodes, "episodes")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    num_envs = min(episodes, DEFAULT_MAX_NUM_ENVS) if num_envs is None else _positive_int(num_envs, "num_envs")
+    return episodes, int(seed), min(num_envs, episodes)
+
+
 def evaluate(
     policy: Any,
     task: str | TaskSpec,
@@ -113,12 +122,7 @@ def evaluate(
     ``episodes``. ``video_path`` writes an mp4 of episode 0 (environment 0, first round).
     """
     spec = get_task(task)
-    episodes = _positive_int(episodes, "episodes")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)
-    num_envs = min(episodes, DEFAULT_MAX_NUM_ENVS) if num_envs is None else _positive_int(num_envs, "num_envs")
-    num_envs = min(num_envs, episodes)
+    episodes, seed, num_envs = _checked_counts(episodes, seed, num_envs)
     conditioning = dict(conditioning or {})
     if video_path is not None:
         require_video_writer()  # fail now, not after the whole evaluation

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from .evaluate import DEFAULT_MAX_NUM_ENVS, _positive_int, policy_actions
+from .evaluate import _checked_counts, _positive_int, policy_actions
 from .registry import TaskSpec, get_task, make_vector_env
 from .scores import reference_returns
 
@@ -78,13 +78,8 @@ def evaluate_trials(
 ) -> TrialsResult:
     """Play ``episodes`` runs of ``trials`` consecutive episodes each and score every trial."""
     spec = get_task(task)
-    episodes = _positive_int(episodes, "episodes")
+    episodes, seed, num_envs = _checked_counts(episodes, seed, num_envs)
     trials = _positive_int(trials, "trials")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)
-    num_envs = min(episodes, DEFAULT_MAX_NUM_ENVS) if num_envs is None else _positive_int(num_envs, "num_envs")
-    num_envs = min(num_envs, episodes)
     conditioning = dict(conditioning or {})
     if dataset_refs is not None:
         reference_returns(spec, dataset_refs)  # malformed references fail before any rollout
