@@ -3,16 +3,21 @@
     python benchmarks/eval_throughput.py            # 10 Hopper-v5 episodes of 1000 steps, 3 repeats
     python benchmarks/eval_throughput.py --quick    # a smoke run
 
-The same randomly initialised kinema DT (K = 20, 3x128, 1 head) plays the same 10 episodes
+Randomly initialised kinema DTs (K = 20, 3x128, 1 head) play the same 10 episodes
 (episode i seeded seed + i) in every variant. A random DT falls within tens of steps, so
 Hopper-v5 runs with ``terminate_when_unhealthy=False``: every episode lasts exactly
 ``--episode-steps`` steps and the context slides for most of it, as in a real evaluation.
 
 - ``kinema_batched``: ``kinema.envs.evaluate`` over 10 environments, one batched ``act``
-  per step, the policy's default decoding;
-- ``kinema_batched_recompute``: the same with the window recomputed at every step;
+  per step, DT as configured by default (``policies/dt.py``);
+- ``kinema_sequential``: the same model one episode at a time at batch 1, decoding as
+  ``kinema_batched`` does (what batching alone buys);
+- ``kinema_batched_exact``: ``evaluate`` with an exact full-context DT
+  (``attention_window=0``: KV cache while the context fills, then one batched window
+  recompute per step); listed when the default is not that model;
 - ``sequential_recompute``: how kzl, CORL and HF evaluate: a loop over episodes, each
-  with its own environment, batch-1 ``act`` recomputing the whole window (same model);
+  with its own environment, batch-1 ``act`` recomputing the whole window (the exact model);
+  every ratio is over this loop;
 - ``sequential_hf_dt``: the same loop with HF's ``DecisionTransformerModel`` (the peer);
 - ``env_only``: the same loop with zero actions and no policy, the simulator's ceiling.
 
@@ -113,14 +118,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     spec, stats = hopper_spec()
     model = kinema_dt(spec, stats).eval()
-    recompute = kinema_dt(spec, stats).eval()
-    recompute.load_state_dict(model.state_dict())  # the same model, decoding by full recompute
+    exact = kinema_dt(spec, stats, attention_window=0).eval()
+    recompute = kinema_dt(spec, stats, attention_window=0).eval()
+    recompute.load_state_dict(exact.state_dict())  # the same model, decoding by full recompute
     recompute.use_kv_cache = False
     runners: dict[str, Callable[[TaskSpec], tuple[int, float, list[float]]]] = {
         "kinema_batched": lambda t: run_batched(model, t, args.episodes, args.seed),
-        "kinema_batched_recompute": lambda t: run_batched(recompute, t, args.episodes, args.seed),
-        "sequential_recompute": lambda t: run_sequential(recompute, t, args.episodes, args.seed),
+        "kinema_sequential": lambda t: run_sequential(model, t, args.episodes, args.seed),
     }
+    if model.config.attention_window:
+        runners["kinema_batched_exact"] = lambda t: run_batched(exact, t, args.episodes, args.seed)
+    runners["sequential_recompute"] = lambda t: run_sequential(recompute, t, args.episodes, args.seed)
     if not args.no_hf:
         hf_model = build_hf_dt(spec, stats).eval()
         runners["sequential_hf_dt"] = lambda t: run_sequential(hf_model, t, args.episodes, args.seed)
@@ -135,13 +143,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             recorded = interleave({name: (lambda run=run: run(task)) for name, run in runners.items()},
                                   rounds=args.repeats, warmup=0, label=f"{threads} thread(s):")
             entry = summarize_throughput(threads, recorded)
-            # Same model, same seeds: batched cached decoding must play the episodes batch-1 recompute plays.
+            # Same model, same seeds: batched decoding must play the episodes batch-1 decoding plays.
             # Checked on episodes of 3K steps (the context slides): over 1000 steps the chaotic
             # dynamics of a flailing hopper amplify float rounding into different trajectories.
             check_task = fixed_length_hopper(CHECK_STEPS)
-            batched_returns = np.asarray(runners["kinema_batched"](check_task)[2])
-            sequential_returns = np.asarray(runners["sequential_recompute"](check_task)[2])
-            entry["max_return_difference_batched_vs_sequential"] = float(np.abs(batched_returns - sequential_returns).max())
+            checks = {"batched_vs_sequential": (lambda t: run_batched(model, t, args.episodes, args.seed),
+                                                runners["kinema_sequential"]),
+                      "exact_batched_vs_sequential_recompute": (lambda t: run_batched(exact, t, args.episodes, args.seed),
+                                                                runners["sequential_recompute"])}
+            for check, (batched, sequential) in checks.items():
+                difference = np.abs(np.asarray(batched(check_task)[2]) - np.asarray(sequential(check_task)[2])).max()
+                entry[f"max_return_difference_{check}"] = float(difference)
             entry["return_check_episode_steps"] = CHECK_STEPS
             results.append(entry)
     finally:
@@ -154,13 +166,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"random-init DT (median of {args.repeats})")
     print_table(["threads", "variant", "env-steps/s", "wall s", "env steps", "x sequential"], rows)
     for entry in results:
-        print(f"{entry['threads']} thread(s): max |return difference| batched vs sequential, same model and seeds, "
-              f"{CHECK_STEPS}-step episodes: {entry['max_return_difference_batched_vs_sequential']:.3g}")
+        print(f"{entry['threads']} thread(s): max |return difference| over {CHECK_STEPS}-step episodes, same model and "
+              f"seeds: batched vs sequential {entry['max_return_difference_batched_vs_sequential']:.3g}, exact batched "
+              f"vs sequential recompute {entry['max_return_difference_exact_batched_vs_sequential_recompute']:.3g}")
     return record.finish(
         {
             "config": {"task": "Hopper-v5 (terminate_when_unhealthy=False)", "episodes": args.episodes,
                        "episode_steps": args.episode_steps, "repeats": args.repeats, "seed": args.seed,
-                       "target_return": TARGET_RETURN, "num_envs_batched": args.episodes, "quick": args.quick},
+                       "target_return": TARGET_RETURN, "num_envs_batched": args.episodes, "quick": args.quick,
+                       "default_attention_window": model.config.attention_window},
             "results": results,
         },
         args.out,

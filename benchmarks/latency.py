@@ -10,11 +10,12 @@ so most calls happen after the context has started to slide. Observations and re
 random (no simulator in the timing). Variants, interleaved episode by episode after one
 unrecorded warm-up episode each:
 
-- ``kinema_dt``: kinema's DT as configured by default (KV cache while the context fills,
-  then one batched window recompute per step, which sliding requires for exact DT);
-- ``kinema_dt_recompute``: the same model with ``use_kv_cache = False`` (recompute every step);
-- ``kinema_dt_streaming``: ``attention_window=20``, decoded through the KV-cache ring
-  with no recompute (a banded model; what a long-running controller would deploy);
+- ``kinema_dt``: kinema's DT as configured by default (``policies/dt.py``; a banded model
+  decodes every step through its KV-cache ring, with no recompute);
+- ``kinema_dt_exact``: the exact full-context DT (``attention_window=0``): KV cache while
+  the context fills, then one batched window recompute per step, which sliding requires;
+  listed when the default is not that model;
+- ``kinema_dt_recompute``: the exact model with ``use_kv_cache = False`` (recompute every step);
 - ``hf_dt``: HF's ``DecisionTransformerModel`` re-run on the whole left-padded window at
   every step, as HF's and kzl's evaluation loops do.
 
@@ -45,14 +46,14 @@ TARGET_RETURN = 3600.0
 def build_variants() -> dict[str, Policy]:
     torch.manual_seed(0)
     spec, stats = hopper_spec()
-    recompute = kinema_dt(spec, stats)
+    variants = {"kinema_dt": kinema_dt(spec, stats)}
+    exact = kinema_dt(spec, stats, attention_window=0)
+    if variants["kinema_dt"].config.attention_window:
+        variants["kinema_dt_exact"] = exact
+    recompute = kinema_dt(spec, stats, attention_window=0)
+    recompute.load_state_dict(exact.state_dict())
     recompute.use_kv_cache = False
-    variants = {
-        "kinema_dt": kinema_dt(spec, stats),
-        "kinema_dt_recompute": recompute,
-        "kinema_dt_streaming": kinema_dt(spec, stats, attention_window=CONTEXT_LEN),
-        "hf_dt": build_hf_dt(spec, stats),
-    }
+    variants.update({"kinema_dt_recompute": recompute, "hf_dt": build_hf_dt(spec, stats)})
     for policy in variants.values():
         policy.eval()
     return variants
@@ -112,7 +113,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "threads": threads,
                 "act_latency": per_variant,
                 "ratio_hf_over_kinema_p50": ratio(per_variant["hf_dt"]["median_ms"], per_variant["kinema_dt"]["median_ms"]),
-                "ratio_hf_over_kinema_streaming_p50": ratio(per_variant["hf_dt"]["median_ms"], per_variant["kinema_dt_streaming"]["median_ms"]),
             })
     finally:
         torch.set_num_threads(original_threads)
@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return record.finish(
         {
             "config": {"context_len": CONTEXT_LEN, "episode_steps": args.episode_steps, "episodes": args.episodes,
-                       "target_return": TARGET_RETURN, "batch": 1, "quick": args.quick},
+                       "target_return": TARGET_RETURN, "batch": 1, "quick": args.quick,
+                       "default_attention_window": variants["kinema_dt"].config.attention_window},
             "hf_attention_implementation": variants["hf_dt"].attention_implementation,
             "results": results,
         },

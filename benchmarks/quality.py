@@ -24,8 +24,8 @@ Protocol (recorded in quality.json): the same budget for every policy: ``--steps
 steps of batch ``--batch-size``; transformers (dt, at, hf_dt) use the DT recipe (AdamW lr
 1e-4, weight decay 1e-4, grad clip 0.25, linear warm-up over the first 10% of steps, as
 100k steps with 10k warm-up scaled down); BC keeps its recipe (Adam 3e-4, no clip).
-Evaluation: ``--eval-episodes`` episodes at the trainer's per-task target return (DT's
-high target: hopper 3600, walker2d 5000, halfcheetah 12000), reported from the LAST
+Evaluation: ``--eval-episodes`` episodes at the trainer's default target return (the best
+episode return in the training data, ``eval.target_return=dataset_max``), reported from the LAST
 evaluation (the final checkpoint), mean ± std over seeds (ddof=0) of each seed's mean
 normalised score. Scores use the dataset's own reference returns (Minari's convention);
 D4RL-reference scores are reported too. dt and at are also played ``--trials`` trials in
@@ -358,7 +358,7 @@ def write_aggregate(record: RunRecord, results_dir: Path, runs_dir: Path, args: 
             "trials": args.trials, "threads": args.threads, "quick": args.quick,
             "transformer_recipe": {**TRANSFORMER_RECIPE, "warmup_steps": f"{WARMUP_FRACTION:.0%} of steps"},
             "bc_recipe": "kinema's bc config group (Adam 3e-4, no clip)",
-            "target_return": "trainer default per task (hopper 3600, walker2d 5000, halfcheetah 12000)",
+            "target_return": "best episode return in the training data (eval.target_return=dataset_max)",
             "reported": "last evaluation (final checkpoint); mean ± std (ddof=0) over seeds of per-seed mean normalised score",
             "score_reference": "dataset reference returns (Minari convention); d4rl_score uses D4RL's",
             "trials_protocol": "dt and at: first trial, last trial and best of n trials played in one context (kinema.envs.trials)",

@@ -83,15 +83,42 @@ def policy_spec(task: Any) -> PolicySpec:
     return PolicySpec(obs_dim, act_dim, tuple(low), tuple(high), task.max_episode_steps)
 
 
+TARGET_RETURN_MODES = ("dataset_max", "task")
+
+
 def eval_conditioning(cfg: dict[str, Any], task_name: str, data: ResolvedDataset | None) -> dict[str, Any]:
-    """Return-conditioned policies get a target return: explicit, per-task default, or the dataset's best."""
+    """The target return of return-conditioned policies, from ``eval.target_return``.
+
+    ``dataset_max`` (the default) conditions on the best episode return in the training data:
+    a target far above anything in the data is out of distribution for the return tokens
+    (on kinema's hopper-medium-replay, best return 1223, DT scored 13.9 at the DT paper's
+    3600 and 26.3 at 1223). ``task`` takes ``eval.target_returns[task]``, the DT paper's
+    values for D4RL's own files; a number is used as it is. BC and other unconditioned
+    policies ignore it.
+    """
     eval_cfg = cfg["eval"]
     target = eval_cfg.get("target_return")
-    if target is None:
-        target = (eval_cfg.get("target_returns") or {}).get(task_name)
-    if target is None and data is not None:
+    if target is None or target == "task":  # null: checkpoints written before dataset_max was the default
+        fallback = "dataset_max" if data is not None else None
+        target = (eval_cfg.get("target_returns") or {}).get(task_name, fallback)
+        if target is None:
+            return {}
+    if target == "dataset_max":
+        if data is None:
+            raise ValueError(
+                "eval.target_return=dataset_max needs the training data; pass a number "
+                "(a checkpoint's config.yaml records the target it was trained and evaluated with)"
+            )
         target = float(np.max(data.dataset.episode_returns))
-    return {} if target is None else {"target_return": float(target)}
+    try:
+        value = float(target)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"eval.target_return must be a number or one of {TARGET_RETURN_MODES}, got {target!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"eval.target_return must be finite, got {target!r}")
+    return {"target_return": value}
 
 
 class _LossModule(nn.Module):
@@ -189,6 +216,9 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         )
 
     conditioning = eval_conditioning(cfg, task.name, data)
+    # Checkpoints record the resolved target, so kinema-eval replays it without the data.
+    cfg = {**cfg, "eval": {**eval_cfg, "target_return": conditioning.get("target_return", eval_cfg.get("target_return"))}}
+    eval_cfg = cfg["eval"]
     logger = RunLogger(run_dir, resume_step=step if resume_from else None) if world.is_main else None
     total_steps = int(train_cfg["steps"])
     grad_clip = train_cfg.get("grad_clip")

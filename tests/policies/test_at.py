@@ -18,7 +18,8 @@ from kinema.policies.at import AgenticTransformer
 OBS_DIM, ACT_DIM = 5, 3
 SPEC = PolicySpec(obs_dim=OBS_DIM, act_dim=ACT_DIM, action_low=(-2.0, -1.0, 0.0), action_high=(2.0, 1.0, 1.0))
 STATS = NormStats(np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32))
-TINY = {"context_len": 4, "embed_dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "attention_dropout": 0.0}
+TINY = {"context_len": 4, "embed_dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "attention_dropout": 0.0,
+        "attention_window": 0}  # exact full-context DT unless a test asks for a band
 
 
 @pytest.fixture(autouse=True)

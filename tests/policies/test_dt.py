@@ -18,7 +18,8 @@ from kinema.policies.dt import DecisionTransformer
 OBS_DIM, ACT_DIM = 5, 3
 SPEC = PolicySpec(obs_dim=OBS_DIM, act_dim=ACT_DIM, action_low=(-2.0, -1.0, 0.0), action_high=(2.0, 1.0, 1.0))
 STATS = NormStats(np.linspace(-1, 1, OBS_DIM).astype(np.float32), np.linspace(0.5, 2, OBS_DIM).astype(np.float32))
-TINY = {"context_len": 4, "embed_dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "attention_dropout": 0.0}
+TINY = {"context_len": 4, "embed_dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "attention_dropout": 0.0,
+        "attention_window": 0}  # exact full-context DT unless a test asks for a band
 
 
 @pytest.fixture(autouse=True)
@@ -60,6 +61,10 @@ def test_registry_builds_dt_with_its_defaults_and_names_bad_fields() -> None:
     config = policy.config
     assert (config.context_len, config.embed_dim, config.n_layers, config.n_heads) == (20, 128, 3, 1)
     assert (config.dropout, config.max_timestep, config.rtg_scale) == (0.1, 1000, 1000.0)
+    # Banded by default, with a receptive field that fits a training window: rollouts stream
+    # with no recompute and still act exactly as the model was trained.
+    assert config.attention_window == 7
+    assert config.context_len >= config.n_layers * (config.attention_window - 1) + 2
     assert policy.batch_spec.kind == "windows" and policy.batch_spec.context_len == 20
     with pytest.raises(ValueError, match="bogus"):
         make_policy({"name": "dt", "bogus": 1}, SPEC, STATS)
@@ -273,14 +278,17 @@ def test_recomputing_every_step_gives_the_same_actions(name: str, monkeypatch) -
     assert paths.decoded == 0 and paths.recomputed == 9
 
 
-def test_a_banded_model_streams_with_its_cache_and_matches_a_forward_over_the_whole_episode(monkeypatch) -> None:
-    policy = tiny_policy("dt", attention_window=2)
+@pytest.mark.parametrize("name", ["dt", "at"])
+def test_a_banded_model_streams_with_its_cache_and_matches_a_forward_over_the_whole_episode(
+    name: str, monkeypatch
+) -> None:
+    policy = tiny_policy(name, attention_window=2)
     paths = PathCounter(policy, monkeypatch)
     assert rollout_error(policy, steps=12, num_envs=2, end_at={7: [1]}, full_history=True) < 1e-5
     assert paths.recomputed == 0
     # K = 4 >= n_layers * (W - 1) + 2: the stream also equals what training windows compute.
     assert rollout_error(policy, steps=12, num_envs=2, end_at={7: [1]}) < 1e-5
-    wide = tiny_policy("dt", attention_window=4)  # receptive field longer than a window: not equal
+    wide = tiny_policy(name, attention_window=4)  # receptive field longer than a window: not equal
     assert rollout_error(wide, steps=12, num_envs=1, end_at={}) > 1e-4
     policy.use_kv_cache = False
     with pytest.raises(ValueError, match="KV cache"):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +22,13 @@ def train_args(cli, data: Path, run_dir: Path, steps: int = 200, *extra: str) ->
         cli.script("kinema-train"), "policy=bc", f"dataset.path={data}", f"train.steps={steps}", "eval.episodes=2",
         "eval.num_envs=2", "seed=0", "threads=1", f"hydra.run.dir={run_dir}", *extra,
     ]
+
+
+def test_no_arguments_means_the_decision_transformer_on_the_embedded_dataset(cli, tmp_path: Path) -> None:
+    proc = cli.run([cli.script("kinema-train"), "--cfg", "job", "--resolve"], cwd=tmp_path)
+    config = yaml.safe_load(proc.stdout)
+    assert config["policy"]["name"] == "dt" and config["policy"]["attention_window"] == 7
+    assert config["dataset"]["name"] == "hopper-medium-replay-slice" and config["eval"]["target_return"] == "dataset_max"
 
 
 def test_train_then_eval(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
@@ -130,7 +138,25 @@ def test_transformer_policies_train_and_evaluate(cli, hopper_random_hdf5: Path, 
     # The headline score is the single first trial, never the best of n.
     assert result["normalized_score_mean"] == pytest.approx(trials["first_trial_score_mean"])
     assert trials["best_of_n_score_mean"] >= max(trials["first_trial_score_mean"], trials["last_trial_score_mean"]) - 1e-9
-    assert result["target_return"] == 3600.0
+    # Conditioned on the best return in the training data, recorded for kinema-eval to replay.
+    from kinema.datasets.d4rl_io import read_d4rl_hdf5
+
+    best_return = float(read_d4rl_hdf5(hopper_random_hdf5).episode_returns.max())
+    assert result["target_return"] == pytest.approx(best_return)
+    saved = yaml.safe_load((run_dir / "checkpoint" / "config.yaml").read_text())
+    assert saved["eval"]["target_return"] == pytest.approx(best_return)
+
+
+def test_target_return_modes(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "dt"
+    cli.run(train_args(cli, hopper_random_hdf5, run_dir, 5, "policy=dt", "eval.target_return=task"), cwd=tmp_path)
+    assert json.loads((run_dir / "eval.json").read_text())["target_return"] == 3600.0
+    proc = cli.run([cli.script("kinema-eval"), f"checkpoint={run_dir}", "eval.episodes=1", "eval.num_envs=1",
+                    "eval.target_return=1234", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path)
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["target_return"] == 1234.0
+    proc = cli.run([cli.script("kinema-eval"), f"checkpoint={run_dir}", "eval.target_return=best",
+                    f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "eval.target_return must be a number or one of" in proc.stderr
 
 
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])

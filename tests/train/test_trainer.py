@@ -53,7 +53,7 @@ def test_checkpoint_round_trip_and_refusals(hopper_random_hdf5: Path, tmp_path: 
     run_training(train_config(hopper_random_hdf5, "train.steps=5"), tmp_path)
     checkpoint = tmp_path / "checkpoint"
     loaded = load_checkpoint(checkpoint)
-    assert loaded.task == "hopper" and loaded.step == 5 and loaded.policy.name == "bc"
+    assert loaded.task == "hopper" and loaded.step == 5 and loaded.policy.name == "dt"  # the default policy
     assert json.loads((checkpoint / "stats.json").read_text()).keys() == {"obs_mean", "obs_std"}
 
     broken = tmp_path / "broken"
