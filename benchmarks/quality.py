@@ -6,8 +6,9 @@
     python benchmarks/quality.py --seed-list 1 &          # a second worker on other seeds (cells are locked)
     python benchmarks/quality.py --quick --dataset-path hopper-small=/tmp/h.hdf5 --results-dir /tmp/q
 
-Grid: policies ``dt``, ``at``, ``bc`` and the HuggingFace peer ``hf_dt`` (benchmarks/hf_peer.py)
-x suite datasets hopper-medium, hopper-medium-replay, walker2d-medium-replay,
+Grid: policies ``dt``, ``at``, ``bc`` and the HuggingFace peer ``hf_dt`` (benchmarks/hf_peer.py),
+plus on request (``--policies``) ``dt_full``, the paper's full-context DT (``attention_window=0``)
+beside kinema's banded default, x suite datasets hopper-medium, hopper-medium-replay, walker2d-medium-replay,
 halfcheetah-medium (generated on first use by ``kinema.datasets.suite``; ``--datasets``
 overrides, ``--dataset-path NAME=FILE`` points a name at any D4RL/Minari file) x seeds.
 
@@ -60,8 +61,10 @@ import hf_peer  # noqa: F401  registers the "hf_dt" policy
 NAME = "quality"
 DEFAULT_POLICIES = ("dt", "at", "bc", "hf_dt")
 DEFAULT_DATASETS = ("hopper-medium", "hopper-medium-replay", "walker2d-medium-replay", "halfcheetah-medium")
-TRANSFORMERS = ("dt", "at", "hf_dt")
-TRIAL_POLICIES = ("dt", "at")
+TRANSFORMERS = ("dt", "at", "hf_dt", "dt_full")
+TRIAL_POLICIES = ("dt", "at", "dt_full")
+# Grid variants of a kinema policy: (config group, policy overrides).
+VARIANTS = {"dt_full": ("dt", {"attention_window": 0})}  # the paper's full-context DT (kinema's default is banded)
 # The published DT recipe (kzl / CORL), used for every transformer policy of the grid.
 TRANSFORMER_RECIPE = {"lr": 1.0e-4, "weight_decay": 1.0e-4, "grad_clip": 0.25}
 WARMUP_FRACTION = 0.1  # 10k warm-up steps of 100k, scaled to the budget
@@ -105,12 +108,13 @@ def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed:
     from kinema.train.cli import CONFIG_DIR, to_plain
 
     # The hf_dt peer trains with DT's config group (its recipe); its policy block is replaced below.
-    group = "dt" if policy == "hf_dt" else policy
+    group, overrides = VARIANTS.get(policy, ("dt" if policy == "hf_dt" else policy, {}))
     has_group = (Path(CONFIG_DIR) / "policy" / f"{group}.yaml").is_file()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = to_plain(compose("train", overrides=[f"policy={group if has_group else 'bc'}"]))
     if policy == "hf_dt" or not has_group:
         cfg["policy"] = {"name": policy}
+    cfg["policy"].update(overrides)
     train = cfg["train"]
     if policy in TRANSFORMERS:
         train.update(TRANSFORMER_RECIPE)
@@ -454,18 +458,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.dataset_path and args.datasets == ",".join(DEFAULT_DATASETS):
         datasets = list(dataset_paths)  # only the given files, unless --datasets says otherwise
     seeds = [int(s) for s in csv_list(args.seed_list, "--seed-list")] if args.seed_list else list(range(args.seeds))
-    import importlib
-
     from kinema.policies import available_policies
 
-    for family in set(policies) & set(TRIAL_POLICIES):  # registered on import, listed or not in FAMILIES yet
-        try:
-            importlib.import_module(f"kinema.policies.{family}")
-        except ImportError as error:
-            raise GridError(f"--policies: policy {family!r} cannot be imported: {error}") from error
-    unknown = sorted(set(policies) - set(available_policies()))
+    unknown = sorted({p for p in policies if VARIANTS.get(p, (p,))[0] not in available_policies()})
     if unknown:
-        raise GridError(f"--policies: unknown policy {unknown}; available: {available_policies()}")
+        raise GridError(f"--policies: unknown policy {unknown}; available: {available_policies() + sorted(VARIANTS)}")
 
     results_dir = args.results_dir
     runs_dir = results_dir / "quality_runs"

@@ -39,9 +39,8 @@ last W steps) and decodes forever through a ring of W groups with no recompute; 
 equals a banded forward over the whole episode, and equals the last steps of training
 windows once K >= n_layers * (W - 1) + 2 (the receptive field, clear of the window's
 first group). The default W = 7 (K = 20, 3 layers: 3 * 6 + 2 = 20) therefore acts at test
-time exactly as it was trained, at one group's cost per step (0.3 ms at batch 1 on one CPU
-thread against 1.3 ms for exact DT's recompute, benchmarks/latency.py), and scored no
-worse: hopper-medium-replay, 5k steps, seed 0, target 1223: W = 7 30.4, exact DT 26.3.
+time exactly as it was trained, at one group's cost per step (benchmarks/latency.py);
+benchmarks/quality.py's ``dt_full`` compares its scores with the exact model's.
 ``attention_window=0`` gives the paper's exact model. W = K trains exactly like DT but
 lets deeper layers see up to n_layers * K steps at test time.
 """

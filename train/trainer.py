@@ -90,11 +90,10 @@ def eval_conditioning(cfg: dict[str, Any], task_name: str, data: ResolvedDataset
     """The target return of return-conditioned policies, from ``eval.target_return``.
 
     ``dataset_max`` (the default) conditions on the best episode return in the training data:
-    a target far above anything in the data is out of distribution for the return tokens
-    (on kinema's hopper-medium-replay, best return 1223, DT scored 13.9 at the DT paper's
-    3600 and 26.3 at 1223). ``task`` takes ``eval.target_returns[task]``, the DT paper's
-    values for D4RL's own files; a number is used as it is. BC and other unconditioned
-    policies ignore it.
+    a target far above anything in the data puts the return tokens out of distribution, and
+    the DT paper's per-task targets were set for D4RL's SAC data, not for every dataset.
+    ``task`` takes ``eval.target_returns[task]`` (those paper values, for D4RL's own files);
+    a number is used as it is. BC and other unconditioned policies ignore it.
     """
     eval_cfg = cfg["eval"]
     target = eval_cfg.get("target_return")
