@@ -3,9 +3,10 @@
 Recipe (kzl/decision-transformer and CORL; see BENCHMARKS.md): K = 20 steps of context,
 3 pre-LN GPT blocks of 128 dims with 1 head, dropout 0.1, a learned timestep embedding
 added to every token (no positional embedding), returns-to-go scaled by 1/1000,
-observations normalised by the dataset's mean/std, a tanh action head. Evaluation
-targets: ``DT_TARGET_RETURNS`` (hopper 3600/1800, halfcheetah 12000/6000, walker2d
-5000/2500); the trainer passes one with ``reset(num_envs, target_return=...)``.
+observations normalised by the dataset's mean/std, a tanh action head. The paper's
+evaluation targets are ``DT_TARGET_RETURNS`` (hopper 3600/1800, halfcheetah 12000/6000,
+walker2d 5000/2500); the trainer passes its own (by default the best return in the
+training data) with ``reset(num_envs, target_return=...)``.
 
 Tokens. Step t contributes (return-to-go R_t, state s_t, action a_t), DT's order. They
 are grouped per step as ``[a_{t-1}, R_t, s_t]`` so that one rollout step appends one
