@@ -29,7 +29,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from transformers.utils import logging as hf_logging
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, config_from_dict
+from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, config_from_dict, require_positive_int
 
 hf_logging.set_verbosity_error()  # HF's config chatter (token ids of a vocabulary-free model) is noise here
 
@@ -48,9 +48,7 @@ class HFDTConfig:
 
     def __post_init__(self) -> None:
         for name in ("context_len", "embed_dim", "n_layers", "n_heads", "max_ep_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(getattr(self, name), name)
         if self.embed_dim % self.n_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= self.dropout < 1.0:
@@ -128,8 +126,7 @@ class HFDecisionTransformer(Policy):
     def reset(self, num_envs: int, target_return: float | Sequence[float] | None = None, **conditioning: Any) -> None:
         if conditioning:
             raise ValueError(f"hf_dt.reset: unknown conditioning {sorted(conditioning)}; it accepts target_return")
-        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        require_positive_int(num_envs, "num_envs")
         target_return = self.config.target_return if target_return is None else target_return
         if target_return is None:
             raise ValueError("hf_dt.reset: no target return; pass reset(num_envs, target_return=...)")

@@ -151,6 +151,13 @@ class Policy(nn.Module):
         """
 
 
+def require_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` (config fields, ``reset(num_envs)``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def config_from_dict(config_class: type, values: dict[str, Any], source: str) -> Any:
     """Build a policy config dataclass, naming unknown or mistyped keys instead of ignoring them."""
     known = {f.name for f in dataclasses.fields(config_class)}

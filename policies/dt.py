@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec
+from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, require_positive_int
 from kinema.policies.transformer import GPT, init_gpt_weights
 
 # Evaluation targets of the DT paper (unscaled returns): (high, low) per task.
@@ -92,9 +92,7 @@ class DTConfig:
 
     def __post_init__(self) -> None:
         for name in ("context_len", "embed_dim", "n_layers", "n_heads", "max_timestep"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(getattr(self, name), name)
         if self.embed_dim % self.n_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
         for name in ("dropout", "attention_dropout"):
@@ -256,8 +254,7 @@ class DecisionTransformer(Policy):
         """Start ``num_envs`` empty contexts, each aiming at its target return (a number or one per environment)."""
         if conditioning:
             raise ValueError(f"{self.name}.reset: unknown conditioning {sorted(conditioning)}; it accepts target_return")
-        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        require_positive_int(num_envs, "num_envs")
         if target_return is None:
             target_return = self.config.target_return
         if target_return is None:
