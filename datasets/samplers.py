@@ -206,14 +206,17 @@ def make_sampler(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
+    **options: Any,
 ) -> EpisodeSampler:
-    """The sampler a policy's ``batch_spec`` (kind, context_len) asks for."""
+    """The sampler a policy's ``batch_spec`` (kind, context_len, options) asks for."""
     if kind not in SAMPLERS:
         # chains.py registers "chains" on import; try it before giving up.
         _import_optional_samplers()
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler kind '{kind}'; known kinds: {sorted(SAMPLERS)}")
-    return SAMPLERS[kind](dataset, batch_size, seed=seed, rank=rank, world_size=world_size, device=device, context_len=context_len)
+    return SAMPLERS[kind](
+        dataset, batch_size, seed=seed, rank=rank, world_size=world_size, device=device, context_len=context_len, **options
+    )
 
 
 def _import_optional_samplers() -> None:

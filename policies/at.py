@@ -6,9 +6,9 @@ Chains (``kinema.datasets.chains``, batch kind ``chains``). A chain is 1..max_ch
 distinct episodes (drawn in proportion to their length, like DT windows) sorted by
 ascending total return and laid end to end. Every episode's target is relabelled to the chain's maximum
 return R_max, so its return-to-go is R_max minus the rewards collected so far *in that
-episode*: a sub-optimal episode i ends at R_max - R_i > 0, the best one ends at 0. A
-window of K steps is cut from the chain at a uniformly drawn end step, so windows cross
-episode boundaries; timesteps restart at 0 in every episode (they are the time within a
+episode*: a sub-optimal episode i ends at R_max - R_i > 0, the best one ends at 0. DT's
+windows are cut from the chain (a uniform start, up to K steps), so windows cross episode
+boundaries; timesteps restart at 0 in every episode (they are the time within a
 trial). Why windows and not whole chains: D4RL episodes run to 1000 steps, so a chain of
 3-4 whole episodes is 10k+ tokens per sample, beyond a CPU budget (the paper trained on
 TPUs); K-step windows keep AT's cost equal to DT's and let the model see the end of the
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec
+from kinema.policies.base import BatchSpec, require_positive_int
 from kinema.policies.dt import DecisionTransformer, DTConfig
 
 LOSS_ON = ("all", "final_trial")
@@ -59,9 +59,11 @@ LOSS_ON = ("all", "final_trial")
 class ATConfig(DTConfig):
     reward_scale: float = 1.0  # rewards are divided by this before embedding
     loss_on: str = "all"  # "all" episodes of a chain, or only its "final_trial" (the best)
+    max_chain_len: int = 4  # episodes per chain, at most (the chain sampler draws 1..max_chain_len)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require_positive_int(self.max_chain_len, "max_chain_len")
         if not self.reward_scale > 0:
             raise ValueError(f"reward_scale must be positive, got {self.reward_scale}")
         if self.loss_on not in LOSS_ON:
@@ -79,7 +81,7 @@ class AgenticTransformer(DecisionTransformer):
 
     @property
     def batch_spec(self) -> BatchSpec:
-        return BatchSpec("chains", self.config.context_len)
+        return BatchSpec("chains", self.config.context_len, {"max_chain_len": self.config.max_chain_len})
 
     def _window_features(self, batch: dict[str, torch.Tensor], unit_actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [key for key in ("rewards", "completions") if key not in batch]

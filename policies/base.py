@@ -28,7 +28,7 @@ observations are raw, the policy normalises them itself so it can never be skipp
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,10 +49,11 @@ class PolicySpec:
 
 @dataclass(frozen=True)
 class BatchSpec:
-    """Which sampler feeds the policy: ``kind`` in transitions | windows | chains."""
+    """Which sampler feeds the policy: ``kind`` in transitions | windows | chains, and its options."""
 
     kind: str
     context_len: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of that sampler
 
 
 @dataclass

@@ -176,6 +176,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         rank=world.rank,
         world_size=world.world_size,
         device=str(device),
+        **batch_spec.options,
     )
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"])

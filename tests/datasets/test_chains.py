@@ -89,6 +89,18 @@ def test_chains_are_sorted_relabelled_to_their_best_return_and_left_padded(datas
     assert crossings > 20 and relabelled > 100  # windows do cross episode boundaries, targets are raised
 
 
+def test_windows_start_anywhere_and_stop_at_the_chain_end_as_dt_windows_do(dataset) -> None:
+    # One-episode chains are DT's windows: a uniform start, K steps or up to the episode's end.
+    batch = ChainSampler(dataset, 2048, seed=2, context_len=K, max_chain_len=1).sample()
+    mask, steps = batch["mask"].numpy(), batch["observations"][..., 0].long().numpy()
+    last_step = dataset.episode_ends[dataset.episode_index[steps[:, -1]]] - 1
+    short = ~mask.all(axis=1)
+    assert short.any() and (steps[short, -1] == last_step[short]).all()  # short windows end at the episode's end
+    first_real = steps[np.arange(len(mask)), mask.argmax(axis=1)]
+    # Every step of an episode starts windows (the first K-1 steps are not only seen after padding).
+    assert set(first_real.tolist()) == set(range(dataset.num_transitions))
+
+
 def test_chains_hold_distinct_episodes_even_when_repeats_are_likely() -> None:
     # Two one-step episodes and a long one: drawn by length, chains of 3 mostly repeat the long one.
     data = dataset_of([1, 1, 60], [5.0, 7.0, 0.01])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kinema.policies.at  # noqa: F401  (registers "at")
-from kinema.datasets import OfflineDataset
+from kinema.datasets import OfflineDataset, make_sampler
 from kinema.datasets.chains import ChainSampler
 from kinema.policies import NormStats, PolicySpec, make_policy
 from kinema.policies.at import AgenticTransformer
@@ -55,11 +55,21 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
     policy = make_policy({"name": "at"}, SPEC, STATS)
     assert isinstance(policy, AgenticTransformer)
     assert policy.batch_spec.kind == "chains" and policy.batch_spec.context_len == 20
-    assert policy.config.loss_on == "all"
+    assert policy.config.loss_on == "all" and policy.batch_spec.options == {"max_chain_len": 4}
+    with pytest.raises(ValueError, match="max_chain_len"):
+        make_policy({"name": "at", "max_chain_len": 0}, SPEC, STATS)
     with pytest.raises(ValueError, match="loss_on"):
         make_policy({"name": "at", "loss_on": "best"}, SPEC, STATS)
     with pytest.raises(ValueError, match="reward_scale"):
         make_policy({"name": "at", "reward_scale": 0.0}, SPEC, STATS)
+
+
+def test_the_chain_length_reaches_the_sampler_through_the_batch_spec() -> None:
+    spec = make_policy({"name": "at", **TINY, "max_chain_len": 2}, SPEC, STATS).batch_spec
+    data = OfflineDataset(observations=np.zeros((12, OBS_DIM)), actions=np.zeros((12, ACT_DIM)), rewards=np.ones(12),
+                          terminals=np.tile([False, False, True], 4))
+    sampler = make_sampler(data, spec.kind, batch_size=4, context_len=spec.context_len, **spec.options)
+    assert isinstance(sampler, ChainSampler) and sampler.max_chain_len == 2
 
 
 def test_at_trains_on_chain_batches_and_uses_rewards_and_completions() -> None:
