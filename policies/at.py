@@ -38,6 +38,15 @@ trial's return-to-go restarts at the target, its timestep at 0 and its completio
 0, and the new trial's first action token carries the last step of the trial before.
 Report first-trial, last-trial and best-of-n scores (``kinema.envs.trials``): best-of-n
 alone is the paper's number and flatters any stochastic policy.
+
+Known limitation, measured on kinema's walker2d-medium-replay (5k steps, batch 64, seed 0,
+first trial): with chains of one episode (``max_chain_len=1``: DT plus the reward and
+completion tokens) AT scores 79.7 (DT: 69.0 over 2 seeds), but with the default chains
+of up to 4 episodes it scores 8.8 (``loss_on="all"``) and 9.6 (``"final_trial"``), below
+BC. K-step windows show a trial's predecessor only during its first K steps, so beyond
+them a relabelled return-to-go cannot be told from a true one; why the final-trial loss,
+whose targets are all true, fails as well is not known yet. On hopper-medium-replay the
+default is at DT's level (25.6 vs 25.6). ``policy.max_chain_len`` sets the chain length.
 """
 
 from __future__ import annotations
