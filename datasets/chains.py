@@ -11,15 +11,15 @@ One sample:
    the chain and runs K = context_len steps or to the chain's end, whichever comes first;
    a shorter window is padded on the left (``mask`` False).
 
-Why start-aligned windows (measured on walker2d-medium-replay, 5k steps): the Decision
-Transformer itself, trained on chains of one episode, scored 18.7 with windows cut at a
-uniformly drawn *end* step, against 63.7 / 74.2 (seeds 0 / 1) with its own start-aligned
-windows. The two
-differ only within K steps of an episode boundary: end-aligned windows show an episode's
-last K-1 steps fewer times than the others and only with a long history, start-aligned
-windows show them as often as any step, from every history length (and shortchange the
-first K-1 steps instead). Most of medium-replay's episodes are short failures (median
-185 steps), so this reweights a large share of the data.
+Why start-aligned windows (measured on walker2d-medium-replay, 5k steps, seed 0): the
+Decision Transformer trained on chains of one episode scored 18.7 with windows cut at a
+uniformly drawn *end* step and 76.6 with start-aligned ones (63.7 / 74.2, seeds 0 / 1,
+with its own window sampler); AT with one-episode chains went from 15.6 to 79.7. The
+two differ only within K steps of an episode boundary: end-aligned windows show an
+episode's last K-1 steps fewer times than the others and only with a long history,
+start-aligned windows show them as often as any step, from every history length (and
+shortchange the first K-1 steps instead). Most of medium-replay's episodes are short
+failures (median 185 steps), so this reweights a large share of the data.
 
 Besides the ``windows`` keys (observations, actions, rewards, returns_to_go — relabelled
 and unscaled — timesteps restarting at 0 in each episode, mask) a batch holds:
