@@ -46,7 +46,7 @@ of up to 4 episodes it scores 8.8 (``loss_on="all"``) and 9.6 (``"final_trial"``
 BC. K-step windows show a trial's predecessor only during its first K steps, so beyond
 them a relabelled return-to-go cannot be told from a true one; why the final-trial loss,
 whose targets are all true, fails as well is not known yet. On hopper-medium-replay the
-default is at DT's level (25.6 vs 25.6). ``policy.max_chain_len`` sets the chain length.
+default scores 25.6 (DT: 29.4 over 3 seeds, BC: 14.8). ``policy.max_chain_len`` sets the chain length.
 """
 
 from __future__ import annotations
