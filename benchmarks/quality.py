@@ -8,8 +8,8 @@
 
 Grid: policies ``dt``, ``at``, ``bc`` and the HuggingFace peer ``hf_dt`` (benchmarks/hf_peer.py),
 plus on request (``--policies``) ``dt_full``, the paper's full-context DT (``attention_window=0``)
-beside kinema's banded default, and ``at_all`` / ``at_final``, AT with its loss on every trial of
-a chain / on the final (best) trial only, x suite datasets hopper-medium, hopper-medium-replay, walker2d-medium-replay,
+beside kinema's banded default, and ``at_final``, AT with its loss on the final (best) trial of
+each chain only (the default ``at`` puts it on every trial), x suite datasets hopper-medium, hopper-medium-replay, walker2d-medium-replay,
 halfcheetah-medium (generated on first use by ``kinema.datasets.suite``; ``--datasets``
 overrides, ``--dataset-path NAME=FILE`` points a name at any D4RL/Minari file) x seeds.
 
@@ -62,13 +62,12 @@ import hf_peer  # noqa: F401  registers the "hf_dt" policy
 NAME = "quality"
 DEFAULT_POLICIES = ("dt", "at", "bc", "hf_dt")
 DEFAULT_DATASETS = ("hopper-medium", "hopper-medium-replay", "walker2d-medium-replay", "halfcheetah-medium")
-TRANSFORMERS = ("dt", "at", "hf_dt", "dt_full", "at_all", "at_final")
-TRIAL_POLICIES = ("dt", "at", "dt_full", "at_all", "at_final")
+TRANSFORMERS = ("dt", "at", "hf_dt", "dt_full", "at_final")
+TRIAL_POLICIES = ("dt", "at", "dt_full", "at_final")
 # Grid variants of a kinema policy: (config group, policy overrides).
 VARIANTS = {
     "dt_full": ("dt", {"attention_window": 0}),  # the paper's full-context DT (kinema's default is banded)
-    "at_all": ("at", {"loss_on": "all"}),  # AT's two loss choices, whichever the default is
-    "at_final": ("at", {"loss_on": "final_trial"}),
+    "at_final": ("at", {"loss_on": "final_trial"}),  # AT's other loss choice (the default is "all")
 }
 # The published DT recipe (kzl / CORL), used for every transformer policy of the grid.
 TRANSFORMER_RECIPE = {"lr": 1.0e-4, "weight_decay": 1.0e-4, "grad_clip": 0.25}

@@ -21,9 +21,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 SUITE_START, SUITE_END = "<!-- suite:start -->", "<!-- suite:end -->"
 SUITE_MANIFEST = BENCH_DIR.parent / "datasets" / "suite.json"
-POLICY_ORDER = ("dt", "dt_full", "at", "at_all", "at_final", "hf_dt", "bc")
+POLICY_ORDER = ("dt", "dt_full", "at", "at_final", "hf_dt", "bc")
 POLICY_LABELS = {"dt": "kinema DT", "dt_full": "kinema DT, full context", "at": "kinema AT",
-                 "at_all": "kinema AT, loss on all trials", "at_final": "kinema AT, loss on the final trial",
+                 "at_final": "kinema AT, loss on the final trial",
                  "hf_dt": "HF DT", "bc": "BC"}
 
 
