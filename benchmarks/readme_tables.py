@@ -75,6 +75,13 @@ def train_speed_section(data: dict[str, Any]) -> str:
         f"Hopper dims, random windows; median of {config['steps']} interleaved steps after {config['warmup']} warm-up. "
         f"bf16: {data.get('bf16') or 'not measured'}."
     )
+    gflop = data.get("gflop_per_step")
+    if gflop:
+        intro += (
+            f" Work per step (forward + backward, `torch.utils.flop_counter`): kinema {_fmt(gflop['kinema_dt'], 2)} GFLOP, "
+            f"HF {_fmt(gflop['hf_dt'], 2)} GFLOP, a ratio of {_fmt(data['flop_ratio_hf_over_kinema'])}×: the most that "
+            "skipping work buys at equal configuration (kinema computes only the state tokens in the last block)."
+        )
     return "\n\n".join([intro, _table(headers, rows), _provenance(data, "train_speed.json")])
 
 

@@ -8,7 +8,10 @@ One step = zero_grad + policy.loss (forward) + backward + grad-norm clip 0.25 + 
 dropout 0.1, batch 64, Hopper dims (obs 11, act 3). Data are random windows built once
 (loading excluded) with some left padding, as the window sampler produces. Variants run
 interleaved (A B C A B C ...), warm-up rounds excluded; the table reports medians and the
-HF/kinema ratio. The bf16 variant is kinema's DT under ``torch.autocast("cpu", bfloat16)``:
+HF/kinema ratio. Each variant's floating-point operations per step (forward + backward,
+counted by ``torch.utils.flop_counter``) are reported beside the times: the HF/kinema FLOP
+ratio is what skipping work can buy at equal configuration; beyond it only faster kernels
+help. The bf16 variant is kinema's DT under ``torch.autocast("cpu", bfloat16)``:
 DTConfig's own switch when it has one, otherwise applied around ``loss`` by this harness.
 """
 
@@ -23,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench_utils import (
     HOPPER_ACT_DIM,
@@ -111,6 +115,16 @@ def make_step(policy: Policy, batches: Sequence[dict[str, torch.Tensor]], autoca
     return step
 
 
+def step_flops(policy: Policy, batch: dict[str, torch.Tensor]) -> int:
+    """Floating-point operations of one forward + backward (matmuls and attention; the optimizer is not counted)."""
+    policy.train()
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = policy.loss(batch)
+        loss.backward()
+    policy.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="measured steps per variant and thread count")
@@ -137,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bf16_policy, wrap, bf16_how = bf16_variant(spec, stats)
         policies["kinema_dt_bf16"] = (bf16_policy, wrap)
     hf_policy = policies["hf_dt"][0]
+    flops = {name: step_flops(policy, batches[0]) for name, (policy, _) in policies.items() if name != "kinema_dt_bf16"}
 
     per_threads = []
     try:
@@ -169,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             },
             "parameters": {name: sum(p.numel() for p in policy.parameters()) for name, (policy, _) in policies.items()},
             "hf_attention_implementation": hf_policy.attention_implementation,
+            "gflop_per_step": {name: round(count / 1e9, 3) for name, count in flops.items()},
+            "flop_ratio_hf_over_kinema": ratio(flops["hf_dt"], flops["kinema_dt"]),
             "bf16": bf16_how,
             "results": per_threads,
         },
