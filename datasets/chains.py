@@ -9,7 +9,11 @@ One sample:
    return-to-go at step t of episode i is R_max minus what episode i collected before t;
 4. cut a window as DT's ``windows`` sampler does: it starts at a uniformly drawn step of
    the chain and runs K = context_len steps or to the chain's end, whichever comes first;
-   a shorter window is padded on the left (``mask`` False).
+   a shorter window is padded on the left (``mask`` False);
+5. with probability ``fresh_trial_prob`` (default 0 here; the Agentic Transformer's config
+   sets 0.5), hide the trials before the window's last one: their steps become left padding,
+   so the window opens on that trial's first step as a test context's first trial does
+   (``kinema.policies.at`` gives the measurements).
 
 Why start-aligned windows (measured on walker2d-medium-replay, 5k steps, seed 0): the
 Decision Transformer trained on chains of one episode scored 18.7 with windows cut at a
@@ -60,11 +64,15 @@ class ChainSampler(EpisodeSampler):
         device: str | torch.device = "cpu",
         context_len: int = 20,
         max_chain_len: int = 4,
+        fresh_trial_prob: float = 0.0,
     ):
         if isinstance(max_chain_len, bool) or not isinstance(max_chain_len, (int, np.integer)) or max_chain_len < 1:
             raise ValueError(f"chains sampler: max_chain_len must be a positive integer, got {max_chain_len!r}")
+        if isinstance(fresh_trial_prob, bool) or not isinstance(fresh_trial_prob, (int, float)) or not 0 <= fresh_trial_prob <= 1:
+            raise ValueError(f"chains sampler: fresh_trial_prob must be a number in [0, 1], got {fresh_trial_prob!r}")
         super().__init__(dataset, batch_size, seed, rank, world_size, device, context_len)
         self.max_chain_len = int(max_chain_len)
+        self.fresh_trial_prob = float(fresh_trial_prob)
         rewards = dataset.rewards.astype(np.float64)
         total = np.cumsum(rewards)
         before_episode = (total - rewards)[dataset.episode_starts]
@@ -77,7 +85,7 @@ class ChainSampler(EpisodeSampler):
             np.maximum.accumulate(self.cumulative[start:end], out=self.prefix_max[start:end])
 
     def _identity(self) -> dict[str, Any]:
-        return {**super()._identity(), "max_chain_len": self.max_chain_len}
+        return {**super()._identity(), "max_chain_len": self.max_chain_len, "fresh_trial_prob": self.fresh_trial_prob}
 
     def _draw_episodes(self, shape) -> np.ndarray:
         """Episodes of this rank's shard, each drawn in proportion to its length."""
@@ -117,6 +125,11 @@ class ChainSampler(EpisodeSampler):
         trial = (position[:, :, None] >= offsets[:, None, :]).sum(axis=2) - 1
         local = position - np.take_along_axis(offsets, trial, axis=1)
         steps = data.episode_starts[np.take_along_axis(episodes, trial, axis=1)] + local
+        if self.fresh_trial_prob > 0:  # no draw at 0, so the stream stays that of earlier versions
+            # Hide the earlier trials (as left padding): the window then opens on its last trial's start,
+            # as the first trial of a test context does.
+            fresh = rng.random(batch) < self.fresh_trial_prob
+            mask &= ~(fresh[:, None] & (trial < trial[:, -1:]))
         return {"steps": steps, "mask": mask, "trial": trial, "chain_len": chain_len, "r_max": r_max}
 
     def sample(self) -> dict[str, torch.Tensor]:

@@ -39,14 +39,33 @@ trial's return-to-go restarts at the target, its timestep at 0 and its completio
 Report first-trial, last-trial and best-of-n scores (``kinema.envs.trials``): best-of-n
 alone is the paper's number and flatters any stochastic policy.
 
+Fresh trials (``fresh_trial_prob``, default 0.5). A test context's first trial starts with
+nothing before it, but in a chain every trial except the first (the worst) follows a
+predecessor, so nearly all training windows over a good trial's first steps show a failed
+episode's tail. With probability ``fresh_trial_prob`` a window hides its earlier trials
+(they become left padding), so trial starts are also seen the way a first trial meets them;
+the other windows keep the predecessor that trials 2..n meet at test time. Measured on
+walker2d-medium-replay (seed 0): replaying the first 50 steps of a trial with a well-trained
+policy's actions (AT with one-episode chains) and then handing control to a chain-trained AT
+(``fresh_trial_prob=0``) lengthens its episodes from 113-190 steps to 557-1000 (4 episodes
+each, both losses), so its failure sat in the trial's opening; hiding predecessors in
+half the windows lifts the first-trial score from 8.8 to 21.9 (``loss_on="final_trial"``:
+9.6 to 15.9), in all of them to 19.8 (21.7).
+
 Known limitation, measured on kinema's walker2d-medium-replay (5k steps, batch 64, seed 0,
-first trial): with chains of one episode (``max_chain_len=1``: DT plus the reward and
-completion tokens) AT scores 79.7 (DT: 69.0 over 2 seeds), but with the default chains
-of up to 4 episodes it scores 8.8 (``loss_on="all"``) and 9.6 (``"final_trial"``), below
-BC. K-step windows show a trial's predecessor only during its first K steps, so beyond
-them a relabelled return-to-go cannot be told from a true one; why the final-trial loss,
-whose targets are all true, fails as well is not known yet. On hopper-medium-replay the
-default scores 25.6 (DT: 29.4 over 3 seeds, BC: 14.8). ``policy.max_chain_len`` sets the chain length.
+first trial): chains of one episode (``max_chain_len=1``: DT plus the reward and completion
+tokens) score 79.7 (DT: 69.0 over 2 seeds); the default chains of up to 4 score 21.9, about
+BC's 17.9, and later trials do not improve on the first (mean scores of trials 1-4 in one
+context: 21.1, 22.4, 22.2, 21.1).
+Hiding every predecessor (``fresh_trial_prob=1``) leaves the score where it is, so what
+costs is not the cross-trial context but the chains' relabelling: beyond a trial's first K
+steps a window cannot tell a relabelled return-to-go from a true one, so with the loss on
+every trial the return token stops steering the actions (mean |change in action| when the
+return-to-go is raised by 2000, measured with ``fresh_trial_prob=0``: 0.017 vs DT's 0.094)
+and AT acts like BC. With the loss on the best trial only, the targets are true but the
+model trains on a best-of-c subset; our unconfirmed explanation is that this drops the
+failures and recoveries a closed loop needs. The paper keeps whole chains in context (10k+ tokens per
+sample on D4RL), beyond this CPU budget. ``policy.max_chain_len`` sets the chain length.
 """
 
 from __future__ import annotations
@@ -69,10 +88,13 @@ class ATConfig(DTConfig):
     reward_scale: float = 1.0  # rewards are divided by this before embedding
     loss_on: str = "all"  # "all" episodes of a chain, or only its "final_trial" (the best)
     max_chain_len: int = 4  # episodes per chain, at most (the chain sampler draws 1..max_chain_len)
+    fresh_trial_prob: float = 0.5  # share of windows whose earlier trials are hidden, as before a first trial
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive_int(self.max_chain_len, "max_chain_len")
+        if not 0.0 <= self.fresh_trial_prob <= 1.0:
+            raise ValueError(f"fresh_trial_prob must be in [0, 1], got {self.fresh_trial_prob}")
         if not self.reward_scale > 0:
             raise ValueError(f"reward_scale must be positive, got {self.reward_scale}")
         if self.loss_on not in LOSS_ON:
@@ -90,7 +112,8 @@ class AgenticTransformer(DecisionTransformer):
 
     @property
     def batch_spec(self) -> BatchSpec:
-        return BatchSpec("chains", self.config.context_len, {"max_chain_len": self.config.max_chain_len})
+        options = {"max_chain_len": self.config.max_chain_len, "fresh_trial_prob": float(self.config.fresh_trial_prob)}
+        return BatchSpec("chains", self.config.context_len, options)
 
     def _window_features(self, batch: dict[str, torch.Tensor], unit_actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [key for key in ("rewards", "completions") if key not in batch]

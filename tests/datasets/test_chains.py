@@ -101,6 +101,31 @@ def test_windows_start_anywhere_and_stop_at_the_chain_end_as_dt_windows_do(datas
     assert set(first_real.tolist()) == set(range(dataset.num_transitions))
 
 
+def test_fresh_trial_windows_hide_the_earlier_trials_as_a_first_trial_sees_none(dataset) -> None:
+    def chains(fresh_trial_prob: float) -> ChainSampler:
+        return ChainSampler(dataset, 4096, seed=3, context_len=K, max_chain_len=3, fresh_trial_prob=fresh_trial_prob)
+
+    # The hiding draw comes after the window's: the same seed cuts the same windows.
+    kept, hidden, half = (chains(p).chain_steps() for p in (0.0, 1.0, 0.5))
+    np.testing.assert_array_equal(kept["steps"], hidden["steps"])
+    np.testing.assert_array_equal(kept["trial"], hidden["trial"])
+    last_trial = kept["trial"] == kept["trial"][:, -1:]
+    np.testing.assert_array_equal(hidden["mask"], kept["mask"] & last_trial)
+    crossing = (kept["mask"] & ~last_trial).any(axis=1)
+    assert crossing.mean() > 0.2
+    # With probability 1/2 a crossing window loses its earlier trials; the others are kept whole.
+    half_hidden = (half["mask"] == hidden["mask"]).all(axis=1) & crossing
+    assert ((half["mask"] == kept["mask"]).all(axis=1) | half_hidden).all()
+    assert 0.4 < half_hidden.sum() / crossing.sum() < 0.6
+    # A hidden window opens, after its padding, on its trial's first step, with no previous action.
+    batch = chains(1.0).sample()
+    first_real = batch["mask"].numpy().argmax(axis=1)
+    assert (batch["timesteps"].numpy()[np.arange(4096), first_real][crossing] == 0).all()
+    assert not batch["observations"].numpy()[~batch["mask"].numpy()].any()
+    with pytest.raises(ValueError, match="fresh_trial_prob"):
+        ChainSampler(dataset, 8, context_len=K, fresh_trial_prob=1.5)
+
+
 def test_chains_hold_distinct_episodes_even_when_repeats_are_likely() -> None:
     # Two one-step episodes and a long one: drawn by length, chains of 3 mostly repeat the long one.
     data = dataset_of([1, 1, 60], [5.0, 7.0, 0.01])

@@ -55,9 +55,11 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
     policy = make_policy({"name": "at"}, SPEC, STATS)
     assert isinstance(policy, AgenticTransformer)
     assert policy.batch_spec.kind == "chains" and policy.batch_spec.context_len == 20
-    assert policy.config.loss_on == "all" and policy.batch_spec.options == {"max_chain_len": 4}
+    assert policy.config.loss_on == "all" and policy.batch_spec.options == {"max_chain_len": 4, "fresh_trial_prob": 0.5}
     with pytest.raises(ValueError, match="max_chain_len"):
         make_policy({"name": "at", "max_chain_len": 0}, SPEC, STATS)
+    with pytest.raises(ValueError, match="fresh_trial_prob"):
+        make_policy({"name": "at", "fresh_trial_prob": -0.1}, SPEC, STATS)
     with pytest.raises(ValueError, match="loss_on"):
         make_policy({"name": "at", "loss_on": "best"}, SPEC, STATS)
     with pytest.raises(ValueError, match="reward_scale"):
@@ -65,11 +67,11 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
 
 
 def test_the_chain_length_reaches_the_sampler_through_the_batch_spec() -> None:
-    spec = make_policy({"name": "at", **TINY, "max_chain_len": 2}, SPEC, STATS).batch_spec
+    spec = make_policy({"name": "at", **TINY, "max_chain_len": 2, "fresh_trial_prob": 0.25}, SPEC, STATS).batch_spec
     data = OfflineDataset(observations=np.zeros((12, OBS_DIM)), actions=np.zeros((12, ACT_DIM)), rewards=np.ones(12),
                           terminals=np.tile([False, False, True], 4))
     sampler = make_sampler(data, spec.kind, batch_size=4, context_len=spec.context_len, **spec.options)
-    assert isinstance(sampler, ChainSampler) and sampler.max_chain_len == 2
+    assert isinstance(sampler, ChainSampler) and sampler.max_chain_len == 2 and sampler.fresh_trial_prob == 0.25
 
 
 def test_at_trains_on_chain_batches_and_uses_rewards_and_completions() -> None:
