@@ -60,6 +60,8 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
         make_policy({"name": "at", "max_chain_len": 0}, SPEC, STATS)
     with pytest.raises(ValueError, match="fresh_trial_prob"):
         make_policy({"name": "at", "fresh_trial_prob": -0.1}, SPEC, STATS)
+    with pytest.raises(ValueError, match="fresh_trial_prob"):
+        make_policy({"name": "at", "fresh_trial_prob": "half"}, SPEC, STATS)
     with pytest.raises(ValueError, match="loss_on"):
         make_policy({"name": "at", "loss_on": "best"}, SPEC, STATS)
     with pytest.raises(ValueError, match="reward_scale"):
