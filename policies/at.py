@@ -59,14 +59,19 @@ BC's 17.9, and later trials do not improve on the first (mean scores of trials 1
 context: 21.1, 22.4, 22.2, 21.1).
 Hiding every predecessor (``fresh_trial_prob=1``) scores no better (19.8; final-trial loss
 21.7), so the rest of the gap to DT does not come from the cross-trial context but from the
-chains' relabelling and selection: beyond a trial's first K
-steps a window cannot tell a relabelled return-to-go from a true one, so with the loss on
-every trial the return token stops steering the actions (mean |change in action| when the
-return-to-go is raised by 2000, measured with ``fresh_trial_prob=0``: 0.017 vs DT's 0.094)
-and AT acts like BC. With the loss on the best trial only, the targets are true but the
-model trains on a best-of-c subset; our unconfirmed explanation is that this drops the
-failures and recoveries a closed loop needs. The paper keeps whole chains in context (10k+ tokens per
-sample on D4RL), beyond this CPU budget. ``policy.max_chain_len`` sets the chain length.
+chains' relabelling and selection, which take away the return token's grip on the actions.
+In closed loop (5 episodes per target, walker2d-medium-replay, seed 0) DT scores 13.4 / 33.2 /
+63.3 at targets 500 / 1000 / 3634 and AT with one-episode chains 13.6 / 38.6 / 78.3, while
+the chain-trained AT scores 19.0 / 19.4 / 22.7 (loss on all trials) and 15.8 / 15.8 / 16.0
+(final trial): whatever the target, it plays one mediocre gait. Our reading: DT learns to
+steer by the return from the contrast between many low-return and a few high-return episodes (only 3 of
+993 episodes last 900+ steps). With the loss on every trial, relabelling gives the worse
+episodes the chain's best target, and beyond a trial's first K steps a window cannot tell a
+relabelled target from a true one (offline, with ``fresh_trial_prob=0``, raising the
+return-to-go by 2000 moves the actions by 0.017 on average, DT's by 0.094); with the loss on
+the best trial only, the targets are true but the best-of-c selection drops most low-return
+episodes. The paper keeps whole chains in context (10k+ tokens per sample on D4RL), beyond
+this CPU budget. ``policy.max_chain_len`` sets the chain length.
 """
 
 from __future__ import annotations
