@@ -54,7 +54,7 @@ half the windows lifts the first-trial score from 8.8 to 21.9 (``loss_on="final_
 
 Known limitation, measured on kinema's walker2d-medium-replay (5k steps, batch 64, seed 0,
 first trial): chains of one episode (``max_chain_len=1``: DT plus the reward and completion
-tokens) score 79.7 (DT: 69.0 over 2 seeds); the default chains of up to 4 score 21.9, about
+tokens) score 79.7 (DT: 64.2 ± 8.0 over 3 seeds); the default chains of up to 4 score 21.9, about
 BC's 17.9, and later trials do not improve on the first (mean scores of trials 1-4 in one
 context: 21.1, 22.4, 22.2, 21.1).
 Hiding every predecessor (``fresh_trial_prob=1``) scores no better (19.8; final-trial loss
