@@ -162,11 +162,34 @@ def quality_section(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def chain_cost_section(data: dict[str, Any]) -> str:
+    config, chains, gflop = data["config"], data["chains"], data["gflop_per_sample"]
+    hours = {entry["threads"]: entry for entry in data.get("training_hours", [])}
+    thread_counts = sorted(hours)
+    headers = ["AT sample", "steps", "GFLOP (fwd + bwd)", "× window"]
+    headers += [f"hours for {config['steps']} steps × batch {config['batch_size']}, {n} thread(s)" for n in thread_counts]
+    rows = [
+        [f"window (K={config['context_len']})", config["context_len"], _fmt(gflop["window"], 2), "1×",
+         *(_fmt(hours[n]["window_h"], 2) for n in thread_counts)],
+        ["whole chain (mean)", _fmt(chains["chain_steps_mean"], 0), _fmt(gflop["whole_chain_mean"], 1),
+         f"**{_fmt(data['ratio_whole_chain_over_window'], 0)}×**", *(f"≥ {_fmt(hours[n]['whole_chain_h'], 1)}" for n in thread_counts)],
+    ]
+    intro = (
+        f"**Whole chains vs windows** (why AT trains on K-step windows): {config['dataset']}, chains of 1..{config['max_chain_len']} "
+        f"episodes drawn by kinema's chain sampler ({config['chains']:,} chains: median {_fmt(chains['chain_steps_p50'], 0)} steps, "
+        f"90th percentile {_fmt(chains['chain_steps_p90'], 0)}, 3 tokens per step). Work per training sample (forward + backward; "
+        f"{config['model']}) counted by `torch.utils.flop_counter`: exactly quadratic in the length (checked). Hours at the FLOP "
+        "rate of the DT training step above: a lower bound for whole chains (long-context attention runs slower; padding ignored)."
+    )
+    return "\n\n".join([intro, _table(headers, rows), _provenance(data, "chain_cost.json")])
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "train_speed": train_speed_section,
     "latency": latency_section,
     "eval_throughput": eval_throughput_section,
     "quality": quality_section,
+    "chain_cost": chain_cost_section,
 }
 
 

@@ -92,7 +92,7 @@ class ChainSampler(EpisodeSampler):
         return self.dataset.episode_index[self.shard_steps[self.rng.integers(0, len(self.shard_steps), size=shape)]]
 
     def chain_steps(self) -> dict[str, np.ndarray]:
-        """Index arrays of one batch: steps, mask, trial, chain_len, r_max (all numpy)."""
+        """Index arrays of one batch: steps, mask, trial, chain_len, chain_total_steps, r_max (all numpy)."""
         data, rng = self.dataset, self.rng
         batch, k, m = self.batch_size, self.context_len, self.max_chain_len
         chain_len = np.minimum(rng.integers(1, m + 1, size=batch), len(self.shard_episodes))
@@ -130,7 +130,8 @@ class ChainSampler(EpisodeSampler):
             # as the first trial of a test context does.
             fresh = rng.random(batch) < self.fresh_trial_prob
             mask &= ~(fresh[:, None] & (trial < trial[:, -1:]))
-        return {"steps": steps, "mask": mask, "trial": trial, "chain_len": chain_len, "r_max": r_max}
+        return {"steps": steps, "mask": mask, "trial": trial, "chain_len": chain_len, "chain_total_steps": chain_steps,
+                "r_max": r_max}
 
     def sample(self) -> dict[str, torch.Tensor]:
         index = self.chain_steps()

@@ -9,10 +9,13 @@ return R_max, so its return-to-go is R_max minus the rewards collected so far *i
 episode*: a sub-optimal episode i ends at R_max - R_i > 0, the best one ends at 0. DT's
 windows are cut from the chain (a uniform start, up to K steps), so windows cross episode
 boundaries; timesteps restart at 0 in every episode (they are the time within a
-trial). Why windows and not whole chains: D4RL episodes run to 1000 steps, so a chain of
-3-4 whole episodes is 10k+ tokens per sample, beyond a CPU budget (the paper trained on
-TPUs); K-step windows keep AT's cost equal to DT's and let the model see the end of the
-previous, worse trial in its context for the first K steps of a new one.
+trial). Why windows and not whole chains: a whole chain costs far more than a CPU budget
+allows (the paper trained on TPUs). On walker2d-medium-replay a chain averages 755 steps
+(2,265 tokens), and one training sample costs 164x a K = 20 window, so the quality grid's
+5k steps x batch 64 would take at least 26 h on this 2-core CPU instead of about 10 minutes
+(``python benchmarks/chain_cost.py``; D4RL's 1000-step episodes make it worse). K-step windows
+keep AT's cost equal to DT's and let the model see the end of the previous, worse trial in
+its context for the first K steps of a new one.
 
 Completion token d_t: 1 once the episode's cumulative reward up to and including step t
 has reached the relabelled target (sticky: it stays 1 for the rest of that trial even if
@@ -70,8 +73,8 @@ episodes the chain's best target, and beyond a trial's first K steps a window ca
 relabelled target from a true one (offline, with ``fresh_trial_prob=0``, raising the
 return-to-go by 2000 moves the actions by 0.017 on average, DT's by 0.094); with the loss on
 the best trial only, the targets are true but the best-of-c selection drops most low-return
-episodes. The paper keeps whole chains in context (10k+ tokens per sample on D4RL), beyond
-this CPU budget. ``policy.max_chain_len`` sets the chain length.
+episodes. The paper keeps whole chains in context, 164x the work per sample here (above).
+``policy.max_chain_len`` sets the chain length.
 """
 
 from __future__ import annotations

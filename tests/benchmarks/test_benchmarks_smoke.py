@@ -34,13 +34,15 @@ def check_record(data: dict, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """All four benchmarks at their --quick size, into one results folder."""
+    """Every benchmark at its --quick size, into one results folder."""
     out = tmp_path_factory.mktemp("results")
     bench("train_speed").main(["--quick", "--out", str(out / "train_speed.json")])
     bench("latency").main(["--quick", "--out", str(out / "latency.json")])
     bench("eval_throughput").main(["--quick", "--out", str(out / "eval_throughput.json")])
-    bench("quality").main(["--quick", "--policies", "dt,at,bc,hf_dt", "--dataset-path", f"tiny={tiny_hopper_dataset(out)}",
-                           "--results-dir", str(out)])
+    tiny = tiny_hopper_dataset(out)
+    bench("quality").main(["--quick", "--policies", "dt,at,bc,hf_dt", "--dataset-path", f"tiny={tiny}", "--results-dir", str(out)])
+    bench("chain_cost").main(["--quick", "--dataset-path", str(tiny), "--train-speed", str(out / "train_speed.json"),
+                              "--out", str(out / "chain_cost.json")])
     return out
 
 
@@ -66,6 +68,20 @@ def load(results: Path, name: str) -> dict:
     data = json.loads((results / f"{name}.json").read_text())
     check_record(data, name)
     return data
+
+
+def test_chain_cost_json(results: Path) -> None:
+    data = load(results, "chain_cost")
+    # The tiny dataset: 8 episodes of 25 steps, so a chain of 1..4 of them is 25, 50, 75 or 100 steps.
+    assert data["config"]["chains"] == 256 and data["chains"]["episodes"] == 8
+    assert 25 <= data["chains"]["chain_steps_p50"] <= 100 and data["chains"]["chain_steps_max"] <= 100
+    assert 25 < data["chains"]["chain_steps_mean"] < 100
+    assert data["flops_fit"]["check"]["relative_error"] < 1e-9  # the FLOP count is exactly quadratic in the length
+    gflop = data["gflop_per_sample"]
+    assert 0 < gflop["window"] < gflop["whole_chain_mean"]
+    assert data["ratio_whole_chain_over_window"] == pytest.approx(gflop["whole_chain_mean"] / gflop["window"])
+    (hours,) = data["training_hours"]  # train_speed.json of the same folder ran at 1 thread
+    assert hours["threads"] == 1 and 0 < hours["window_h"] < hours["whole_chain_h"]
 
 
 def test_train_speed_json(results: Path) -> None:
@@ -137,7 +153,8 @@ def test_readme_tables_rewrites_only_the_marked_block(results: Path, tmp_path: P
     assert "old table" not in text
     for heading in ("| threads | kinema DT (ms) | HF DT (ms) |", "| threads | variant | p50 (ms) |",
                     "| threads | variant | env-steps/s |", "| dataset | dataset average | kinema DT | kinema AT | HF DT | BC |",
-                    "| dataset | policy | trials | first trial | last trial | best of n |"):
+                    "| dataset | policy | trials | first trial | last trial | best of n |",
+                    "| AT sample | steps | GFLOP (fwd + bwd) | × window |"):
         assert heading in text
     assert "quick smoke run" in text
 

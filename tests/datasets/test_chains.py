@@ -142,6 +142,14 @@ def test_chains_hold_distinct_episodes_even_when_repeats_are_likely() -> None:
         assert (np.diff(data.episode_returns[episodes]) >= 0).all()
 
 
+def test_chain_total_steps_is_the_length_of_the_whole_chain() -> None:
+    # Equal-length episodes: a chain of c of them is exactly c * 4 steps, whatever the window shows.
+    data = dataset_of([4] * 6, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    index = ChainSampler(data, 256, seed=0, context_len=3, max_chain_len=3).chain_steps()
+    assert set(index["chain_len"].tolist()) == {1, 2, 3}
+    np.testing.assert_array_equal(index["chain_total_steps"], 4 * index["chain_len"])
+
+
 def test_completion_is_sticky_once_the_target_is_reached() -> None:
     # One episode: cumulative reward 1, 3, 2, 1, 1.5 ends at its return 1.5 but passes it at step 1.
     data = dataset_of([5], [[1.0, 2.0, -1.0, -1.0, 0.5]])
