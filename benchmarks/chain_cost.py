@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.chains = 256
+    for name in ("max_chain_len", "context_len", "chains", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     from kinema.envs import task_spaces
     from kinema.policies import NormStats, PolicySpec
     from kinema.train.data import resolve_dataset

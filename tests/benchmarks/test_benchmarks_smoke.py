@@ -84,6 +84,12 @@ def test_chain_cost_json(results: Path) -> None:
     assert hours["threads"] == 1 and 0 < hours["window_h"] < hours["whole_chain_h"]
 
 
+def test_chain_cost_names_a_bad_argument(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench("chain_cost").main(["--chains", "0"])
+    assert "--chains must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_train_speed_json(results: Path) -> None:
     data = load(results, "train_speed")
     (entry,) = data["results"]
