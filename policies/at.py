@@ -58,8 +58,9 @@ half the windows lifts the first-trial score from 8.8 to 21.9 (``loss_on="final_
 Known limitation, measured on kinema's walker2d-medium-replay (5k steps, batch 64, seed 0,
 first trial): chains of one episode (``max_chain_len=1``: DT plus the reward and completion
 tokens) score 79.7 (DT: 64.2 ± 8.0 over 3 seeds); the default chains of up to 4 score 21.9, about
-BC's 17.9, and later trials do not improve on the first (mean scores of trials 1-4 in one
-context: 21.1, 22.4, 22.2, 21.1).
+BC's 17.9 (22.0 ± 5.0 over seeds 0-2 in the quality grid). In seeds 0 and 1 later trials do
+not improve on the first (mean scores of trials 1-4 in one context: 21.1, 22.4, 22.2, 21.1 and
+16.0, 16.8, 16.6, 16.7); seed 2 does: 26.6, 33.3, 34.2, 41.9.
 Hiding every predecessor (``fresh_trial_prob=1``) scores no better (19.8; final-trial loss
 21.7), so the rest of the gap to DT does not come from the cross-trial context but from the
 chains' relabelling and selection, which take away the return token's grip on the actions.
