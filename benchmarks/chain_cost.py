@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from numpy.polynomial import polynomial
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_utils import RESULTS_DIR, RunRecord, default_output, print_table
@@ -44,47 +45,40 @@ def draw_chain_lengths(dataset: Any, max_chain_len: int, chains: int, seed: int)
     """Total steps of `chains` chains drawn by kinema's chain sampler."""
     from kinema.datasets.chains import ChainSampler
 
-    sampler = ChainSampler(dataset, batch_size=min(chains, 4096), seed=seed, context_len=1, max_chain_len=max_chain_len)
-    drawn: list[np.ndarray] = []
-    while sum(len(d) for d in drawn) < chains:
-        drawn.append(sampler.chain_steps()["chain_total_steps"])
-    return np.concatenate(drawn)[:chains]
+    batch_size = min(chains, 4096)
+    sampler = ChainSampler(dataset, batch_size=batch_size, seed=seed, context_len=1, max_chain_len=max_chain_len)
+    batches = -(-chains // batch_size)
+    return np.concatenate([sampler.chain_steps()["chain_total_steps"] for _ in range(batches)])[:chains]
 
 
-def sample_flops(policy: Any, context_len: int, obs_dim: int, act_dim: int) -> int:
-    """Forward + backward FLOPs of one chains sample of `context_len` real steps."""
+def sample_flops(spec: Any, stats: Any, context_len: int) -> int:
+    """Forward + backward FLOPs of kinema's AT (full attention) on one chains sample of `context_len` real steps."""
+    from kinema.policies import make_policy
+
+    policy = make_policy({"name": "at", "context_len": context_len, "attention_window": 0}, spec, stats).train()
     generator = torch.Generator().manual_seed(0)
     shape = (1, context_len)
     batch = {
-        "observations": torch.randn(*shape, obs_dim, generator=generator),
-        "actions": torch.rand(*shape, act_dim, generator=generator) * 2 - 1,
+        "observations": torch.randn(*shape, spec.obs_dim, generator=generator),
+        "actions": torch.rand(*shape, spec.act_dim, generator=generator) * 2 - 1,
         "rewards": torch.rand(shape, generator=generator),
         "returns_to_go": torch.rand(shape, generator=generator) * 1000,
         "timesteps": torch.arange(context_len).clamp(max=999).unsqueeze(0),
         "mask": torch.ones(shape, dtype=torch.bool),
         "completions": torch.zeros(shape),
-        "final_trial": torch.ones(shape, dtype=torch.bool),
     }
-    policy.train()
-    policy.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as counter:
         loss, _ = policy.loss(batch)
         loss.backward()
     return counter.get_total_flops()
 
 
-def at_policy(spec: Any, stats: Any, context_len: int) -> Any:
-    from kinema.policies import make_policy
-
-    return make_policy({"name": "at", "context_len": context_len, "attention_window": 0}, spec, stats)
-
-
 def fit_flops(spec: Any, stats: Any, check_len: int) -> tuple[np.ndarray, dict[str, float]]:
     """Coefficients (c0, c1, c2) of FLOPs(L) = c0 + c1 L + c2 L^2, and the check at `check_len`."""
-    counts = [sample_flops(at_policy(spec, stats, n), n, spec.obs_dim, spec.act_dim) for n in FIT_LENGTHS]
-    coefficients = np.linalg.solve(np.vander(np.array(FIT_LENGTHS, np.float64), 3, increasing=True), np.array(counts, np.float64))
-    counted = sample_flops(at_policy(spec, stats, check_len), check_len, spec.obs_dim, spec.act_dim)
-    predicted = float(np.polyval(coefficients[::-1], check_len))
+    counts = [sample_flops(spec, stats, n) for n in FIT_LENGTHS]
+    coefficients = polynomial.polyfit(FIT_LENGTHS, counts, 2)  # three points: the exact quadratic
+    counted = sample_flops(spec, stats, check_len)
+    predicted = float(polynomial.polyval(check_len, coefficients))
     return coefficients, {"context_len": check_len, "counted_gflop": counted / 1e9, "fit_gflop": predicted / 1e9,
                           "relative_error": abs(predicted - counted) / counted}
 
@@ -131,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     lengths = draw_chain_lengths(data.dataset, args.max_chain_len, args.chains, args.seed)
     coefficients, check = fit_flops(spec, stats, check_len=4 * FIT_LENGTHS[-1] if args.quick else 512)
-    flops = np.polynomial.polynomial.polyval(lengths.astype(np.float64), coefficients)
-    window = float(np.polynomial.polynomial.polyval(float(args.context_len), coefficients))
+    flops = polynomial.polyval(lengths.astype(np.float64), coefficients)
+    window = float(polynomial.polyval(args.context_len, coefficients))
     whole_chain = float(flops.mean())
     hours = [{"threads": rate["threads"],
               "window_h": args.steps * args.batch_size * window / 1e9 / rate["gflop_per_s"] / 3600,
