@@ -7,6 +7,7 @@ machine is shared, so each result records the load average before and after the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -177,6 +178,14 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
+    """Exit through argparse (usage and a message naming the option) when an integer option is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
 def parse_threads(text: str) -> list[int]:

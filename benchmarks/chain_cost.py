@@ -35,7 +35,7 @@ import torch
 from numpy.polynomial import polynomial
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_utils import RESULTS_DIR, RunRecord, default_output, print_table
+from bench_utils import RESULTS_DIR, RunRecord, default_output, print_table, require_positive
 
 NAME = "chain_cost"
 FIT_LENGTHS = (8, 16, 32)  # context lengths of the three exact counts that fix the quadratic
@@ -110,9 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.chains = 256
-    for name in ("max_chain_len", "context_len", "chains", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    require_positive(parser, args, ("max_chain_len", "context_len", "chains", "batch_size", "steps"))
     from kinema.envs import task_spaces
     from kinema.policies import NormStats, PolicySpec
     from kinema.train.data import resolve_dataset

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench_utils import RunRecord, default_output, interleave, parse_threads, print_table, ratio
+from bench_utils import RunRecord, default_output, interleave, parse_threads, print_table, ratio, require_positive
 from hf_peer import build_hf_dt
 from kinema.envs import TaskSpec, evaluate, get_task, make_env
 from kinema.policies import Policy
@@ -107,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.episodes, args.episode_steps, args.repeats, args.threads = 2, 30, 1, "1"
-    if min(args.episodes, args.episode_steps, args.repeats) < 1:
-        raise ValueError("--episodes, --episode-steps and --repeats must be positive")
+    require_positive(parser, args, ("episodes", "episode_steps", "repeats"))
     thread_counts = parse_threads(args.threads)
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()

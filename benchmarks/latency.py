@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench_utils import RunRecord, default_output, interleave, parse_threads, print_table, ratio, summarize_ms
+from bench_utils import RunRecord, default_output, interleave, parse_threads, print_table, ratio, require_positive, summarize_ms
 from hf_peer import build_hf_dt
 from kinema.policies import Policy
 from train_speed import hopper_spec, kinema_dt
@@ -85,8 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.episodes, args.episode_steps, args.threads = 1, CONTEXT_LEN + 5, "1"
-    if args.episodes < 1 or args.episode_steps < 1:
-        raise ValueError("--episodes and --episode-steps must be positive")
+    require_positive(parser, args, ("episodes", "episode_steps"))
     thread_counts = parse_threads(args.threads)
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()

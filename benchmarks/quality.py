@@ -56,7 +56,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench_utils import RESULTS_DIR, RunRecord, load_average, print_table, write_json
+from bench_utils import RESULTS_DIR, RunRecord, load_average, print_table, require_positive, write_json
 import hf_peer  # noqa: F401  registers the "hf_dt" policy
 
 NAME = "quality"
@@ -417,9 +417,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.eval_episodes, args.trials, args.seeds, args.checkpoint_every = 4, 8, 2, 2, 1, 2
-    for name in ("steps", "batch_size", "eval_episodes", "trials", "seeds", "checkpoint_every", "threads"):
-        if getattr(args, name) < 1:
-            raise GridError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    require_positive(parser, args, ("steps", "batch_size", "eval_episodes", "trials", "seeds", "checkpoint_every", "threads"))
     return args
 
 

@@ -37,6 +37,7 @@ from bench_utils import (
     parse_threads,
     print_table,
     ratio,
+    require_positive,
     summarize_ms,
 )
 from hf_peer import build_hf_dt
@@ -137,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.batch_size, args.threads = 2, 1, 8, "1"
+    require_positive(parser, args, ("steps", "batch_size"))
     thread_counts = parse_threads(args.threads)
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()
