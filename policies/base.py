@@ -151,6 +151,29 @@ class Policy(nn.Module):
         clearing that context (DT) or carrying it into the next trial (AT).
         """
 
+    def seed_episodes(self, env_indices: Any, seeds: Any) -> None:
+        """Episodes seeded ``seeds`` start in environment slots ``env_indices`` (after ``reset``
+        or ``end_episode``). A stochastic policy draws each environment's noise from its own
+        generator (``episode_noise``), seeded here, so results never depend on how many
+        environments run at once. Deterministic policies need not care.
+        """
+        generators = self.__dict__.setdefault("_episode_generators", {})
+        for index, seed in zip(np.asarray(env_indices).reshape(-1).tolist(), np.asarray(seeds).reshape(-1).tolist()):
+            generators[int(index)] = torch.Generator().manual_seed(int(seed))
+
+    def episode_noise(self, num_envs: int, *shape: int) -> torch.Tensor:
+        """Standard normal noise (num_envs, *shape) on the policy's device, one generator per environment.
+
+        Environments never seeded through ``seed_episodes`` (a caller outside the evaluator,
+        e.g. a robot) draw from torch's global generator.
+        """
+        generators = self.__dict__.get("_episode_generators", {})
+        rows = [
+            torch.randn(shape, generator=generators[index]) if index in generators else torch.randn(shape)
+            for index in range(num_envs)
+        ]
+        return torch.stack(rows).to(self.device)
+
 
 def require_positive_int(value: Any, name: str) -> int:
     """``value`` as an int, or a ValueError naming ``name`` (config fields, ``reset(num_envs)``)."""
