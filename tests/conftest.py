@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -14,11 +17,32 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run a kinema console script the way a user does, in a subprocess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=cwd, env=_cli_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def _cli_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def kill_when(args: list[str], cwd: Path, ready: Callable[[], bool], settle: float = 0.0, timeout: float = 120) -> None:
+    """Start a console script and SIGKILL it (no clean-up, like a crash) once ``ready()`` holds,
+    ``settle`` seconds later; fails when it ended first or was not ready within ``timeout``."""
+    proc = subprocess.Popen(args, cwd=cwd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(settle)
+        assert proc.poll() is None, f"{' '.join(args)} ended before it could be killed; give it more work"
+        assert ready(), f"{' '.join(args)} was not ready to be killed within {timeout} s"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def script(name: str) -> str:
@@ -32,6 +56,7 @@ class Cli:
 
     run = staticmethod(run_cli)
     script = staticmethod(script)
+    kill_when = staticmethod(kill_when)
 
 
 @pytest.fixture(scope="session")

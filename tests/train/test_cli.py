@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -62,19 +59,7 @@ def test_train_then_eval(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
 def test_killed_run_resumes_from_last_checkpoint(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = train_args(cli, hopper_random_hdf5, run_dir, 4000, "train.checkpoint_every=100", "train.log_every=50")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not list((run_dir / "checkpoints").glob("step_*")) and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-        assert proc.poll() is None, "the run finished before it could be killed; raise train.steps"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    cli.kill_when(args, tmp_path, lambda: any((run_dir / "checkpoints").glob("step_*")), settle=0.3)
     done = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
     assert done and not (run_dir / "eval.json").exists()
 
