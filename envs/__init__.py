@@ -10,13 +10,14 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from .evaluate import EvalResult, evaluate  # noqa: E402
+from .evaluate import EvalResult, TrialsResult, evaluate  # noqa: E402
 from .registry import TASKS, TaskSpec, get_task, list_tasks, make_env, make_vector_env, task_spaces  # noqa: E402
 from .render import (  # noqa: E402
     VIDEO_HEIGHT,
     VIDEO_WIDTH,
     EpisodeVideo,
     VideoExtraMissingError,
+    follow_robot,
     require_video_writer,
     set_fast_rendering,
 )
@@ -33,11 +34,13 @@ __all__ = [
     "normalized_score",
     "reference_returns",
     "EvalResult",
+    "TrialsResult",
     "evaluate",
     "EpisodeVideo",
     "VideoExtraMissingError",
     "require_video_writer",
     "set_fast_rendering",
+    "follow_robot",
     "VIDEO_WIDTH",
     "VIDEO_HEIGHT",
 ]

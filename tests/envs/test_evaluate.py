@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from kinema.envs import TaskSpec, VideoExtraMissingError, evaluate, normalized_score
+from kinema.envs import VIDEO_HEIGHT, VIDEO_WIDTH, TaskSpec, VideoExtraMissingError, evaluate, normalized_score
+from kinema.envs.render import CAPTION_HEIGHT
+from kinema.policies.base import Policy
 
 HOPPER_ACT_DIM = 3
 
@@ -173,7 +175,9 @@ def test_video_of_the_first_episode(tmp_path):
     reader = imageio.get_reader(str(path))
     try:
         assert reader.count_frames() == result.lengths[0] + 1  # the reset frame and one per step
-        assert reader.get_meta_data()["size"] == (320, 240)
+        assert reader.get_meta_data()["size"] == (VIDEO_WIDTH, VIDEO_HEIGHT) == (848, 480)
+        caption = reader.get_data(0)[:CAPTION_HEIGHT]
+        assert (caption < 60).mean() > 0.7 and (caption > 200).any()  # the caption strip: light text on dark
     finally:
         reader.close()
     # Rendering changes nothing in the rollout.
@@ -185,3 +189,116 @@ def test_video_without_the_extra_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(VideoExtraMissingError, match=r"pip install kinema\[video\]"):
         evaluate(RecordingPolicy(), "hopper", episodes=1, seed=0, video_path=tmp_path / "v.mp4")
     assert issubclass(VideoExtraMissingError, ImportError)
+
+
+class ModeDependentPolicy(torch.nn.Module):
+    """Acts differently in train mode (as dropout would); records the mode act() ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Dropout(p=0.0)  # a submodule whose own mode must be restored too
+        self.modes: list[bool] = []
+
+    def reset(self, num_envs, **conditioning):
+        pass
+
+    def act(self, observations):
+        self.modes.append(self.training)
+        gain = 5.0 if self.training else 0.5
+        return torch.as_tensor(np.tanh(gain * observations[:, 2 : 2 + HOPPER_ACT_DIM]))
+
+    def observe_reward(self, rewards):
+        pass
+
+
+def test_the_policy_acts_in_eval_mode_and_gets_its_modes_back():
+    in_eval = evaluate(ModeDependentPolicy().eval(), "hopper", episodes=2, seed=0)
+    policy = ModeDependentPolicy().train()
+    policy.head.eval()  # mixed modes: each module gets its own back
+    result = evaluate(policy, "hopper", episodes=2, seed=0)
+    assert policy.modes and not any(policy.modes)
+    assert result.returns == in_eval.returns
+    assert policy.training and not policy.head.training
+
+
+class NoisyPolicy:
+    """A stochastic policy whose noise comes from the Policy interface's own ``episode_noise``
+    (one generator per slot, seeded by ``seed_episodes``); borrowed rather than subclassed so
+    the test does not depend on how policies are constructed."""
+
+    name = "noisy"
+    device = torch.device("cpu")
+    episode_noise = Policy.episode_noise
+
+    def __init__(self):
+        self.seeded: list[tuple[list[int], list[int]]] = []
+        self.ended: list[list[int]] = []
+
+    def reset(self, num_envs, **conditioning):
+        pass
+
+    def seed_episodes(self, env_indices, seeds):
+        self.seeded.append(([int(i) for i in env_indices], [int(s) for s in seeds]))
+        Policy.seed_episodes(self, env_indices, seeds)
+
+    def end_episode(self, env_indices):
+        self.ended.append([int(i) for i in env_indices])
+
+    def observe_reward(self, rewards):
+        pass
+
+    def act(self, observations):
+        observations = torch.as_tensor(observations, dtype=torch.float32)
+        noise = self.episode_noise(observations.shape[0], HOPPER_ACT_DIM)
+        return torch.tanh(0.5 * observations[:, 2 : 2 + HOPPER_ACT_DIM]) + 0.5 * noise
+
+
+@pytest.mark.parametrize("trials", [1, 2])
+def test_a_stochastic_policy_scores_the_same_whatever_num_envs(trials):
+    results = [evaluate(NoisyPolicy(), "hopper", episodes=5, seed=4, num_envs=n, trials=trials) for n in (1, 2, 5)]
+    for result in results[1:]:
+        assert result.returns == results[0].returns and result.lengths == results[0].lengths
+        assert result.to_dict().get("trials", {}).get("returns") == results[0].to_dict().get("trials", {}).get("returns")
+    # The noise matters (the policy is not secretly deterministic) and follows the seed.
+    torch.manual_seed(0)
+    unseeded = NoisyPolicy()
+    unseeded.seed_episodes = None  # what a caller that never seeds episodes gets: torch's global generator
+    assert evaluate(unseeded, "hopper", episodes=5, seed=4, trials=trials).returns != results[0].returns
+
+
+def test_every_episode_start_is_seeded_with_its_reset_seed():
+    policy = NoisyPolicy()
+    evaluate(policy, "hopper", episodes=3, seed=10, num_envs=2, trials=2)
+    # Run r trial k is reset with seed 10 + 2r + k; each episode's seed is heard once, for its slot.
+    assert policy.seeded[0] == ([0, 1], [10, 12])  # round 1 (runs 0 and 1) starts
+    heard = [(slot, seed) for slots, seeds in policy.seeded for slot, seed in zip(slots, seeds)]
+    assert sorted(heard) == [(0, 10), (0, 11), (0, 14), (0, 15), (1, 12), (1, 13)]
+    assert policy.seeded[-2:] == [([0], [14]), ([0], [15])]  # round 2: run 2 alone, trials 0 and 1
+    assert sorted(i for call in policy.ended for i in call) == [0, 0, 1]  # one trial end per run before its last
+
+
+def test_multi_trial_result_has_first_trial_headline_and_every_trial_under_trials(tmp_path):
+    result = evaluate(RecordingPolicy(), "hopper", episodes=3, seed=2, num_envs=2, trials=2, progress=True)
+    single = evaluate(RecordingPolicy(), "hopper", episodes=6, seed=2)
+    data = json.loads(json.dumps(result.to_dict()))
+    per_trial = np.array(data["trials"]["returns"])
+    np.testing.assert_allclose(per_trial.reshape(-1), single.returns)  # run r trial k is seeded seed + 2r + k
+    assert data["returns"] == per_trial[:, 0].tolist() and data["episodes"] == 3
+    assert data["normalized_score_mean"] == pytest.approx(data["trials"]["first_trial_score_mean"])
+    assert data["trials"]["trials"] == 2 and data["env_steps"] == sum(single.lengths)
+    for key in ("last_trial_score_mean", "best_of_n_score_mean", "best_of_n_score_std", "first_trial_return_mean"):
+        assert key in data["trials"]
+    assert "trials" not in evaluate(RecordingPolicy(), "hopper", episodes=1, seed=0).to_dict()
+
+
+def test_video_of_a_multi_trial_evaluation_records_the_first_trial(tmp_path):
+    imageio = pytest.importorskip("imageio")
+    pytest.importorskip("imageio_ffmpeg")
+    short_hopper = TaskSpec("hopper-20", "Hopper-v5", 20, -20.272305, 3234.3)
+    path = tmp_path / "trials.mp4"
+    result = evaluate(RecordingPolicy(), short_hopper, episodes=1, seed=0, trials=2, video_path=path)
+    reader = imageio.get_reader(str(path))
+    try:
+        assert reader.count_frames() == result.trials.lengths[0][0] + 1
+    finally:
+        reader.close()

@@ -154,3 +154,25 @@ def test_multirun_sweeps_seeds(cli, hopper_random_hdf5: Path, tmp_path: Path, la
              f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     seeds = sorted(json.loads((sweep / str(job) / "eval.json").read_text())["seed"] for job in (0, 1))
     assert seeds == [0, 1]
+
+
+def test_eval_writes_a_video_that_follows_the_robot(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    imageio = pytest.importorskip("imageio")
+    pytest.importorskip("imageio_ffmpeg")
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    cli.run(train_args(cli, hopper_random_hdf5, run_dir, 20), cwd=tmp_path)
+    cli.run([cli.script("kinema-eval"), f"checkpoint={run_dir}", "eval.episodes=2", "video=true",
+             f"hydra.run.dir={eval_dir}"], cwd=tmp_path)
+    result = json.loads((eval_dir / "eval.json").read_text())
+    reader = imageio.get_reader(str(eval_dir / "episode.mp4"))
+    try:
+        assert reader.get_meta_data()["size"] == (848, 480)
+        assert reader.count_frames() == result["lengths"][0] + 1  # episode 0: its reset frame and one per step
+        last = reader.get_data(result["lengths"][0])
+    finally:
+        reader.close()
+    # The Hopper's orange-brown body (red well above blue) is in the last frame, near the middle.
+    rows, cols = np.nonzero(last[..., 0].astype(int) - last[..., 2].astype(int) > 60)
+    assert len(cols) > 500 and abs(cols.mean() / 848 - 0.5) < 0.2
