@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = resolve_dataset({"path": str(args.dataset_path)} if args.dataset_path else {"name": args.dataset}, args.env)
     obs_dim, act_dim, _, _ = task_spaces(data.task)
     spec = PolicySpec(obs_dim, act_dim, (-1.0,) * act_dim, (1.0,) * act_dim)
-    stats = NormStats(np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
+    stats = NormStats.for_observations(np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
 
     lengths = draw_chain_lengths(data.dataset, args.max_chain_len, args.chains, args.seed)
     coefficients, check = fit_flops(spec, stats, check_len=4 * FIT_LENGTHS[-1] if args.quick else 512)

@@ -20,7 +20,7 @@ Build it without Hydra: ``build_hf_dt(spec, stats, **config_overrides)`` or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,7 +29,8 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from transformers.utils import logging as hf_logging
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, config_from_dict, require_positive_int
+from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, Recipe, config_from_dict, require_positive_int
+from kinema.policies.dt import DTInference, dt_recipe
 
 hf_logging.set_verbosity_error()  # HF's config chatter (token ids of a vocabulary-free model) is noise here
 
@@ -44,7 +45,8 @@ class HFDTConfig:
     max_ep_len: int = 1000  # timestep embedding rows; later steps reuse the last row
     rtg_scale: float = 1000.0
     activation: str = "relu"  # HF's default and kzl's choice
-    target_return: float | None = None
+    recipe: Recipe = field(default_factory=dt_recipe)  # DT's recipe: the peer trains like kinema's DT
+    inference: DTInference = field(default_factory=DTInference)  # target_return (use_kv_cache: it has no cache)
 
     def __post_init__(self) -> None:
         for name in ("context_len", "embed_dim", "n_layers", "n_heads", "max_ep_len"):
@@ -55,14 +57,14 @@ class HFDTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.rtg_scale > 0:
             raise ValueError(f"rtg_scale must be positive, got {self.rtg_scale}")
-        if self.target_return is not None:
-            self.target_return = float(self.target_return)
 
 
 @register_policy
 class HFDecisionTransformer(Policy):
     name = "hf_dt"
+    label = "HF DT"
     config_class = HFDTConfig
+    conditioning = ("target_return",)
 
     def __init__(self, config: HFDTConfig, spec: PolicySpec, stats: NormStats):
         super().__init__(config, spec, stats)
@@ -127,7 +129,7 @@ class HFDecisionTransformer(Policy):
         if conditioning:
             raise ValueError(f"hf_dt.reset: unknown conditioning {sorted(conditioning)}; it accepts target_return")
         require_positive_int(num_envs, "num_envs")
-        target_return = self.config.target_return if target_return is None else target_return
+        target_return = self.inference.target_return if target_return is None else target_return
         if target_return is None:
             raise ValueError("hf_dt.reset: no target return; pass reset(num_envs, target_return=...)")
         n, k, device = int(num_envs), self.config.context_len, self.device

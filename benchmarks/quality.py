@@ -62,16 +62,12 @@ import hf_peer  # noqa: F401  registers the "hf_dt" policy
 NAME = "quality"
 DEFAULT_POLICIES = ("dt", "at", "bc", "hf_dt")
 DEFAULT_DATASETS = ("hopper-medium", "hopper-medium-replay", "walker2d-medium-replay", "halfcheetah-medium")
-TRANSFORMERS = ("dt", "at", "hf_dt", "dt_full", "at_final")
-TRIAL_POLICIES = ("dt", "at", "dt_full", "at_final")
 # Grid variants of a kinema policy: (config group, policy overrides).
 VARIANTS = {
     "dt_full": ("dt", {"attention_window": 0}),  # the paper's full-context DT (kinema's default is banded)
     "at_final": ("at", {"loss_on": "final_trial"}),  # AT's other loss choice (the default is "all")
 }
-# The published DT recipe (kzl / CORL), used for every transformer policy of the grid.
-TRANSFORMER_RECIPE = {"lr": 1.0e-4, "weight_decay": 1.0e-4, "grad_clip": 0.25}
-WARMUP_FRACTION = 0.1  # 10k warm-up steps of 100k, scaled to the budget
+WARMUP_FRACTION = 0.1  # a recipe's warm-up, if it has one, is 10% of the budget (DT: 10k of 100k steps)
 EVAL_JSON, TRIALS_JSON, DATASET_JSON, LOCK = "eval.json", "trials.json", "dataset.json", ".lock"
 RUNS_GITIGNORE = "# Only the small result files of each cell are committed.\n*\n!*/\n!.gitignore\n!eval.json\n!trials.json\n!dataset.json\n"
 
@@ -107,23 +103,17 @@ def cell_dir(runs_dir: Path, dataset: str, policy: str, seed: int) -> Path:
 
 def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The trainer config of one cell: kinema's Hydra config with the grid's budget applied."""
-    from hydra import compose, initialize_config_dir
+    from kinema.train.cli import compose_train_config
 
-    from kinema.train.cli import CONFIG_DIR, to_plain
-
-    # The hf_dt peer trains with DT's config group (its recipe); its policy block is replaced below.
-    group, overrides = VARIANTS.get(policy, ("dt" if policy == "hf_dt" else policy, {}))
-    has_group = (Path(CONFIG_DIR) / "policy" / f"{group}.yaml").is_file()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = to_plain(compose("train", overrides=[f"policy={group if has_group else 'bc'}"]))
-    if policy == "hf_dt" or not has_group:
-        cfg["policy"] = {"name": policy}
+    family, overrides = VARIANTS.get(policy, (policy, {}))
+    cfg = compose_train_config([f"policy={family}"])  # each family trains with its own recipe
     cfg["policy"].update(overrides)
+    recipe = cfg["policy"]["recipe"]
+    recipe["batch_size"] = args.batch_size
+    if recipe["warmup_steps"] > 0:
+        recipe["warmup_steps"] = int(WARMUP_FRACTION * args.steps)
     train = cfg["train"]
-    if policy in TRANSFORMERS:
-        train.update(TRANSFORMER_RECIPE)
-        train["warmup_steps"] = int(WARMUP_FRACTION * args.steps)
-    train.update({"steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every,
+    train.update({"steps": args.steps, "checkpoint_every": args.checkpoint_every,
                   "log_every": min(int(train["log_every"]), args.checkpoint_every), "keep_checkpoints": 1})
     # One protocol for every policy's headline score: single episodes from the same start states.
     # Multi-trial scores of dt/at come from a separate run into trials.json (at.yaml's eval.trials is overridden).
@@ -135,6 +125,13 @@ def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed:
         cfg["dataset"] = {"name": dataset, "path": None}
     cfg["env"] = None
     return cfg
+
+
+def plays_trials(policy: str) -> bool:
+    """Several trials per context mean something only for a policy that keeps a context per environment."""
+    from kinema.policies import policy_class
+
+    return policy_class(VARIANTS.get(policy, (policy, {}))[0]).multi_trial
 
 
 # -- locks: several workers may share one grid ---------------------------------------------------
@@ -214,7 +211,7 @@ def run_cell(policy: str, dataset: str, seed: int, run_dir: Path, cfg: dict[str,
         result["quality_cell_wall_s"] = round(elapsed, 1)
         write_json(run_dir / EVAL_JSON, result)
         done.append(f"trained+evaluated in {elapsed / 60:.1f} min")
-    if policy in TRIAL_POLICIES and args.trials > 1 and not (run_dir / TRIALS_JSON).is_file():
+    if plays_trials(policy) and args.trials > 1 and not (run_dir / TRIALS_JSON).is_file():
         trials = run_trials(run_dir, args)
         if trials is not None:
             done.append(f"{args.trials} trials")
@@ -364,7 +361,7 @@ def write_aggregate(record: RunRecord, results_dir: Path, runs_dir: Path, args: 
         "protocol": {
             "steps": args.steps, "batch_size": args.batch_size, "eval_episodes": args.eval_episodes,
             "trials": args.trials, "threads": args.threads, "quick": args.quick,
-            "transformer_recipe": {**TRANSFORMER_RECIPE, "warmup_steps": f"{WARMUP_FRACTION:.0%} of steps"},
+            "recipes": "each family's own (policy.recipe), warm-up scaled to " + f"{WARMUP_FRACTION:.0%} of steps",
             "bc_recipe": "kinema's bc config group (Adam 3e-4, no clip)",
             "target_return": "best episode return in the training data (eval.target_return=dataset_max)",
             "reported": "last evaluation (final checkpoint); mean ± std (ddof=0) over seeds of per-seed mean normalised score",
@@ -448,7 +445,7 @@ def run_grid(record: RunRecord, results_dir: Path, runs_dir: Path, policies: lis
 
 
 def cell_done(run_dir: Path, policy: str, trials: int) -> bool:
-    needs_trials = policy in TRIAL_POLICIES and trials > 1
+    needs_trials = plays_trials(policy) and trials > 1
     return (run_dir / EVAL_JSON).is_file() and not (needs_trials and not (run_dir / TRIALS_JSON).is_file())
 
 

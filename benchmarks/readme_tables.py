@@ -119,11 +119,14 @@ def quality_section(data: dict[str, Any]) -> str:
     protocol = data["protocol"]
     table = data["table"]
     budgets = sorted({(row["steps"], row["batch_size"]) for row in table}, key=lambda b: tuple(map(str, b)))
+    if "recipes" in protocol:
+        recipes = f"recipes: {protocol['recipes']}"
+    else:  # results written before policies declared their recipes
+        recipe = protocol["transformer_recipe"]
+        recipes = f"transformers use the DT recipe (AdamW {recipe['lr']}, warm-up {recipe['warmup_steps']})"
     parts = [
         f"**Policy quality**: normalised score (dataset reference returns), {protocol['reported']}; "
-        f"{protocol['eval_episodes']} evaluation episodes per seed; transformers use the DT recipe "
-        f"(AdamW {protocol['transformer_recipe']['lr']}, warm-up {protocol['transformer_recipe']['warmup_steps']}); "
-        f"target return: {protocol['target_return']}."
+        f"{protocol['eval_episodes']} evaluation episodes per seed; {recipes}; target return: {protocol['target_return']}."
     ]
     for steps, batch_size in budgets:
         rows_here = [row for row in table if (row["steps"], row["batch_size"]) == (steps, batch_size)]

@@ -50,7 +50,7 @@ AUTOCAST_FIELDS = ("autocast", "autocast_dtype", "precision", "amp", "mixed_prec
 
 def hopper_spec() -> tuple[PolicySpec, NormStats]:
     spec = PolicySpec(HOPPER_OBS_DIM, HOPPER_ACT_DIM, (-1.0,) * HOPPER_ACT_DIM, (1.0,) * HOPPER_ACT_DIM, 1000)
-    return spec, NormStats(np.zeros(HOPPER_OBS_DIM, np.float32), np.ones(HOPPER_OBS_DIM, np.float32))
+    return spec, NormStats.for_observations(np.zeros(HOPPER_OBS_DIM, np.float32), np.ones(HOPPER_OBS_DIM, np.float32))
 
 
 def random_windows(batch_size: int, context_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

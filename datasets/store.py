@@ -195,6 +195,16 @@ class OfflineDataset:
         constant = self.observations.max(axis=0) == self.observations.min(axis=0)
         return np.where(constant, 1.0, np.maximum(std, 1e-6)).astype(np.float32)
 
+    def statistics(self) -> dict[str, dict[str, np.ndarray]]:
+        """Normalisation statistics keyed by feature (what a checkpoint's stats.json holds)."""
+        actions = self.actions.astype(np.float64)
+        return {
+            "observations": {"mean": self.obs_mean, "std": self.obs_std,
+                             "min": self.observations.min(axis=0), "max": self.observations.max(axis=0)},
+            "actions": {"mean": actions.mean(axis=0), "std": np.maximum(actions.std(axis=0), 1e-6),
+                        "min": actions.min(axis=0), "max": actions.max(axis=0)},
+        }
+
     @property
     def task(self) -> str | None:
         return self.metadata.get("task")

@@ -28,13 +28,17 @@ class TaskSpec:
     d4rl_ref_min: float | None = None
     d4rl_ref_max: float | None = None
     env_kwargs: tuple[tuple[str, Any], ...] = ()
+    # The Decision Transformer paper's evaluation target for D4RL's own files (eval.target_return=task).
+    target_return: float | None = None
 
 
 # D4RL reference returns (d4rl/infos.py, identical for v0-v2): random and expert policy.
+# Target returns: the DT paper's higher targets (hopper 3600, halfcheetah 12000, walker2d 5000;
+# their lower ones are half of these); ant 6000 (DT's ant experiments).
 _BUILTIN_TASKS = (
-    TaskSpec("hopper", "Hopper-v5", 1000, -20.272305, 3234.3),
-    TaskSpec("halfcheetah", "HalfCheetah-v5", 1000, -280.178953, 12135.0),
-    TaskSpec("walker2d", "Walker2d-v5", 1000, 1.629008, 4592.3),
+    TaskSpec("hopper", "Hopper-v5", 1000, -20.272305, 3234.3, target_return=3600.0),
+    TaskSpec("halfcheetah", "HalfCheetah-v5", 1000, -280.178953, 12135.0, target_return=12000.0),
+    TaskSpec("walker2d", "Walker2d-v5", 1000, 1.629008, 4592.3, target_return=5000.0),
     # Ant-v5 observes 105 values by default: qpos[2:] (13) + qvel (14) + cfrc_ext of 13
     # bodies (78). D4RL's ant files hold 111 columns: the same 27 first, then 84 contact
     # forces that mujoco-py 2.x left at zero. kinema's ant therefore drops the contact
@@ -42,7 +46,7 @@ _BUILTIN_TASKS = (
     # (The reward still pays the contact cost; v5 computes it either way.) Minari's
     # mujoco/ant datasets use the 105-dim default: make_env("ant",
     # include_cfrc_ext_in_observation=True) reproduces that environment.
-    TaskSpec("ant", "Ant-v5", 1000, -325.6, 3879.7, (("include_cfrc_ext_in_observation", False),)),
+    TaskSpec("ant", "Ant-v5", 1000, -325.6, 3879.7, (("include_cfrc_ext_in_observation", False),), target_return=6000.0),
 )
 TASKS: dict[str, TaskSpec] = {task.name: task for task in _BUILTIN_TASKS}
 

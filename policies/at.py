@@ -115,7 +115,9 @@ class ATConfig(DTConfig):
 @register_policy
 class AgenticTransformer(DecisionTransformer):
     name = "at"
+    label = "kinema AT"
     config_class = ATConfig
+    default_trials = 4  # the AT protocol: several trials per context; eval.json's headline is the first
 
     @property
     def action_features(self) -> int:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -38,47 +38,181 @@ from torch import nn
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """Shapes and limits of the task the policy acts in."""
+    """Shapes, limits and structure of the task the policy acts in.
+
+    ``structure`` carries task structure the trainer derives from the environment and a
+    family may need (e.g. a body graph: node -> observation indices, action indices,
+    parent), as plain JSON-serialisable values: the checkpoint stores it, so evaluation and
+    deployment rebuild the same model without importing ``kinema.envs``.
+    """
 
     obs_dim: int
     act_dim: int
     action_low: tuple[float, ...]
     action_high: tuple[float, ...]
     max_episode_steps: int = 1000
+    structure: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "spec") -> "PolicySpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted({"obs_dim", "act_dim", "action_low", "action_high"} - set(values))
+        unknown = sorted(set(values) - known)
+        if missing or unknown:
+            raise ValueError(f"{source}: policy spec lacks {missing} or has unknown keys {unknown}; expected {sorted(known)}")
+        values = dict(values, action_low=tuple(values["action_low"]), action_high=tuple(values["action_high"]))
+        values["structure"] = dict(values.get("structure") or {})
+        return cls(**values)
 
 
 @dataclass(frozen=True)
 class BatchSpec:
-    """Which sampler feeds the policy: ``kind`` in transitions | windows | chains, and its options."""
+    """Which sampler feeds the policy: ``kind`` (a registered sampler kind) and its options."""
 
     kind: str
     context_len: int = 1
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of that sampler
 
 
-@dataclass
+STAT_NAMES = ("mean", "std", "min", "max")
+STATS_FORMAT = "kinema.stats/2"
+
+
 class NormStats:
-    """Normalisation statistics saved with every checkpoint (stats.json)."""
+    """Normalisation statistics keyed by feature, saved with every checkpoint (stats.json).
 
-    obs_mean: np.ndarray
-    obs_std: np.ndarray
+    ``NormStats({"observations": {"mean": ..., "std": ...}, "actions": {"min": ..., "max": ...}})``:
+    each feature maps statistic names (``mean``, ``std``, ``min``, ``max``) to 1-D arrays.
+    A policy declares what it needs in ``Policy.required_stats``; building it from
+    statistics that lack one is an error naming the feature and statistic, never a silent skip.
+    """
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("obs_mean", "obs_std")
+    def __init__(self, features: dict[str, dict[str, Any]], source: str = "stats"):
+        self.source = source
+        self.features: dict[str, dict[str, np.ndarray]] = {}
+        for feature, values in features.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{source}: feature {feature!r} must map statistic names to arrays, got {type(values).__name__}")
+            unknown = sorted(set(values) - set(STAT_NAMES))
+            if unknown:
+                raise ValueError(f"{source}: feature {feature!r} has unknown statistics {unknown}; known: {list(STAT_NAMES)}")
+            arrays = {name: np.asarray(value, dtype=np.float32) for name, value in values.items()}
+            for name, array in arrays.items():
+                if array.ndim != 1 or not np.isfinite(array).all():
+                    raise ValueError(f"{source}: {feature}.{name} must be a finite 1-D array, got shape {array.shape}")
+            if len({array.shape for array in arrays.values()}) > 1:
+                raise ValueError(f"{source}: the statistics of {feature!r} have different lengths")
+            if "std" in arrays and (arrays["std"] <= 0).any():
+                raise ValueError(f"{source}: {feature}.std must be positive")
+            self.features[feature] = arrays
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {name: np.asarray(getattr(self, name), dtype=np.float64).tolist() for name in self.FIELDS}
+    @classmethod
+    def for_observations(cls, mean: Any, std: Any) -> "NormStats":
+        return cls({"observations": {"mean": mean, "std": std}})
+
+    def get(self, feature: str, stat: str, needed_by: str = "the policy") -> np.ndarray:
+        """One statistic, or a ValueError naming what is missing and what is there."""
+        if stat not in self.features.get(feature, {}):
+            present = {name: sorted(values) for name, values in self.features.items()}
+            raise ValueError(f"{self.source}: {needed_by} needs the statistic {feature}.{stat}, which is missing (present: {present})")
+        return self.features[feature][stat]
+
+    def require(self, needs: dict[str, tuple[str, ...]], needed_by: str) -> None:
+        for feature, stats in needs.items():
+            for stat in stats:
+                self.get(feature, stat, needed_by)
+
+    def subset(self, needs: dict[str, tuple[str, ...]]) -> "NormStats":
+        return NormStats({feature: {stat: self.features[feature][stat] for stat in stats} for feature, stats in needs.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        features = {f: {n: np.asarray(a, dtype=np.float64).tolist() for n, a in v.items()} for f, v in self.features.items()}
+        return {"format": STATS_FORMAT, "features": features}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "stats") -> "NormStats":
-        missing = [name for name in cls.FIELDS if name not in data]
-        if missing:
-            raise ValueError(f"{source}: missing normalisation statistics {missing}; expected keys {list(cls.FIELDS)}")
-        arrays = {name: np.asarray(data[name], dtype=np.float32) for name in cls.FIELDS}
-        if arrays["obs_mean"].shape != arrays["obs_std"].shape or arrays["obs_mean"].ndim != 1:
-            raise ValueError(f"{source}: obs_mean and obs_std must be 1-D arrays of the same length")
-        if not all(np.isfinite(a).all() for a in arrays.values()) or (arrays["obs_std"] <= 0).any():
-            raise ValueError(f"{source}: normalisation statistics must be finite with obs_std > 0")
-        return cls(**arrays)
+        """Read stats.json; the flat format of checkpoints before 2026-12 ({obs_mean, obs_std}) reads as observations."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of normalisation statistics")
+        if "format" not in data and {"obs_mean", "obs_std"} <= set(data):
+            return cls({"observations": {"mean": data["obs_mean"], "std": data["obs_std"]}}, source=source)
+        if data.get("format") != STATS_FORMAT or not isinstance(data.get("features"), dict):
+            raise ValueError(
+                f"{source}: not kinema normalisation statistics; expected {{'format': '{STATS_FORMAT}', 'features': "
+                "{feature: {statistic: [...]}}}"
+            )
+        return cls(data["features"], source=source)
+
+
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class Recipe:
+    """How a family trains: declared by its config (``policy.recipe.*``), applied by the trainer.
+
+    Both schedules start with a linear warm-up over ``warmup_steps`` (factor (step+1)/warmup).
+    ``cosine`` then decays to ``min_lr_ratio * lr`` at the horizon: ``schedule_steps``, or
+    ``train.steps`` of the run's first start. The horizon is saved with the run: raising
+    ``train.steps`` on resume keeps it, and steps past it stay at the floor.
+    ``decay_all_parameters=False`` puts biases, norm and embedding weights in a parameter
+    group without weight decay (minGPT's and diffusion_policy's split).
+    ``ema=True`` keeps an exponential moving average of the weights with decay
+    ``min(ema_max_decay, 1 - (1 + step) ** -ema_power)`` (diffusion_policy's warm-up), used
+    for evaluation and saved as ``ema.safetensors`` beside ``model.safetensors``.
+    """
+
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 3.0e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    decay_all_parameters: bool = True
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    schedule_steps: Optional[int] = None
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = None
+    ema: bool = False
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        require_positive_int(self.batch_size, "recipe.batch_size")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"recipe.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"recipe.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"recipe.lr must be positive, got {self.lr}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"recipe.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ValueError(f"recipe.weight_decay must be >= 0, got {self.weight_decay}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"recipe.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.schedule_steps is not None:
+            require_positive_int(self.schedule_steps, "recipe.schedule_steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"recipe.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"recipe.grad_clip must be positive or null, got {self.grad_clip}")
+        if not (self.ema_power > 0 and 0.0 <= self.ema_max_decay < 1.0):
+            raise ValueError(f"recipe.ema_power must be > 0 and ema_max_decay in [0, 1), got {self.ema_power}, {self.ema_max_decay}")
+
+
+@dataclass
+class InferenceOptions:
+    """What may change without retraining: ``kinema-eval inference.<key>=<value>`` overrides it.
+
+    Families extend it (DT: the target return, the KV cache); the checkpoint records the
+    values the run was evaluated with.
+    """
 
 
 class Policy(nn.Module):
@@ -86,20 +220,39 @@ class Policy(nn.Module):
 
     config_class: ClassVar[type]
     name: ClassVar[str]
+    label: ClassVar[str] = ""  # how tables and plots name the family (default: its name)
+    # What a checkpoint's statistics must hold for this family: feature -> statistics.
+    required_stats: ClassVar[dict[str, tuple[str, ...]]] = {"observations": ("mean", "std")}
+    # Keyword arguments reset() takes (e.g. DT's target_return); evaluation hands over only these.
+    conditioning: ClassVar[tuple[str, ...]] = ()
+    # True when end_episode restarts or carries one environment's context while the others go on,
+    # so several trials in a row per context mean something (a stateless policy's trials are plain episodes).
+    multi_trial: ClassVar[bool] = False
+    default_trials: ClassVar[int] = 1  # episodes per context when eval.trials is not set
 
     def __init__(self, config: Any, spec: PolicySpec, stats: NormStats):
         super().__init__()
-        if stats.obs_mean.shape != (spec.obs_dim,):
+        stats.require(self.required_stats, f"the {self.name!r} policy")
+        obs_mean, obs_std = stats.get("observations", "mean"), stats.get("observations", "std")
+        if obs_mean.shape != (spec.obs_dim,):
             raise ValueError(
-                f"normalisation statistics have obs_mean of shape {stats.obs_mean.shape}, "
+                f"{stats.source}: observations.mean has shape {obs_mean.shape}, "
                 f"but the policy expects observations of dimension {spec.obs_dim}"
             )
         self.config = config
         self.spec = spec
-        self.register_buffer("obs_mean", torch.as_tensor(stats.obs_mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("obs_std", torch.as_tensor(stats.obs_std, dtype=torch.float32), persistent=False)
+        self.stats = stats.subset(self.required_stats)  # what the checkpoint saves
+        self.inference = config.inference
+        self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32), persistent=False)
         self.register_buffer("action_low", torch.tensor(spec.action_low, dtype=torch.float32), persistent=False)
         self.register_buffer("action_high", torch.tensor(spec.action_high, dtype=torch.float32), persistent=False)
+
+    def configure_inference(self, **overrides: Any) -> None:
+        """Change inference options (``kinema-eval inference.<key>=<value>``); unknown keys are refused by name."""
+        if overrides:
+            options = config_from_dict(type(self.inference), overrides, f"{self.name} inference options", defaults=self.inference)
+            self.inference = self.config.inference = options
 
     # -- helpers shared by every family -------------------------------------------------
     @property
@@ -182,13 +335,38 @@ def require_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def config_from_dict(config_class: type, values: dict[str, Any], source: str) -> Any:
-    """Build a policy config dataclass, naming unknown or mistyped keys instead of ignoring them."""
+def config_from_dict(config_class: type, values: dict[str, Any], source: str, defaults: Any = None) -> Any:
+    """Build a config dataclass, naming unknown or mistyped keys instead of ignoring them.
+
+    Nested config dataclasses (``recipe``, ``inference``) are built from nested mappings on
+    top of the enclosing class's defaults for them, so ``{"recipe": {"lr": 1e-3}}`` keeps
+    the family's other recipe values.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: expected a mapping of {config_class.__name__} fields, got {values!r}")
+    base = defaults if defaults is not None else _default_instance(config_class, source)
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; {config_class.__name__} accepts {sorted(known)}")
+    resolved = {}
+    for name, value in values.items():
+        default = getattr(base, name) if base is not None else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = config_from_dict(type(default), value, f"{source}.{name}", defaults=default)
+        resolved[name] = value
     try:
-        return config_class(**values)
+        if base is None:
+            return config_class(**resolved)
+        return dataclasses.replace(base, **resolved)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from error
+
+
+def _default_instance(config_class: type, source: str) -> Any:
+    try:
+        return config_class()
+    except TypeError:  # a config class with required fields has no defaults to start from
+        return None
+    except ValueError as error:
+        raise ValueError(f"{source}: the defaults of {config_class.__name__} are invalid: {error}") from error

@@ -6,20 +6,23 @@ action ranges train alike. Stateless at rollout: reset() only checks the batch s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec
+from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe
 
 
 @dataclass
 class BCConfig:
     hidden_dims: tuple[int, ...] = (256, 256)
     dropout: float = 0.0
+    # CORL's BC: Adam 3e-4 (AdamW with no weight decay), batch 256, no warm-up, no clipping.
+    recipe: Recipe = field(default_factory=lambda: Recipe(batch_size=256, lr=3.0e-4))
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
@@ -32,6 +35,7 @@ class BCConfig:
 @register_policy
 class BCPolicy(Policy):
     name = "bc"
+    label = "BC"
     config_class = BCConfig
 
     def __init__(self, config: BCConfig, spec: PolicySpec, stats: NormStats):

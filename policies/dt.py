@@ -4,9 +4,9 @@ Recipe (kzl/decision-transformer and CORL; see BENCHMARKS.md): K = 20 steps of c
 3 pre-LN GPT blocks of 128 dims with 1 head, dropout 0.1, a learned timestep embedding
 added to every token (no positional embedding), returns-to-go scaled by 1/1000,
 observations normalised by the dataset's mean/std, a tanh action head. The paper's
-evaluation targets are ``DT_TARGET_RETURNS`` (hopper 3600/1800, halfcheetah 12000/6000,
-walker2d 5000/2500); the trainer passes its own (by default the best return in the
-training data) with ``reset(num_envs, target_return=...)``.
+evaluation targets live with the tasks (``kinema.envs.TaskSpec.target_return``: hopper
+3600, halfcheetah 12000, walker2d 5000); the trainer passes its own (by default the best
+return in the training data) with ``reset(num_envs, target_return=...)``.
 
 Tokens. Step t contributes (return-to-go R_t, state s_t, action a_t), DT's order. They
 are grouped per step as ``[a_{t-1}, R_t, s_t]`` so that one rollout step appends one
@@ -49,8 +49,8 @@ lets deeper layers see up to n_layers * K steps at test time.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,20 +58,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, require_positive_int
+from kinema.policies.base import (
+    BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, require_positive_int,
+)
 from kinema.policies.transformer import GPT, init_gpt_weights
-
-# Evaluation targets of the DT paper (unscaled returns): (high, low) per task.
-DT_TARGET_RETURNS: dict[str, tuple[float, float]] = {
-    "hopper": (3600.0, 1800.0),
-    "halfcheetah": (12000.0, 6000.0),
-    "walker2d": (5000.0, 2500.0),
-}
 
 TOKENS_PER_STEP = 3  # [previous action, return-to-go, state]
 PRECISIONS = ("fp32", "bf16")
 WINDOW_KEYS = ("observations", "actions", "returns_to_go", "timesteps", "mask")
 ACTION_SLOT, RETURN_SLOT, STATE_SLOT = 0, 1, 2
+
+
+@dataclass
+class DTInference(InferenceOptions):
+    """DT's rollout options; none changes the trained weights."""
+
+    target_return: Optional[float] = None  # used when reset() gets none (evaluation always passes one)
+    use_kv_cache: bool = True  # False: recompute the window every step (exact full-context models only)
+
+    def __post_init__(self) -> None:
+        if self.target_return is not None:
+            self.target_return = float(self.target_return)
+
+
+def dt_recipe() -> Recipe:
+    """kzl / CORL: AdamW 1e-4, weight decay 1e-4 on every parameter, grad clip 0.25, batch 64.
+
+    The paper warms up over 10k of 100k steps (~4.5 h on a 2-core CPU); kinema's default
+    budget is shorter, so warm-up is 1k: ``policy.recipe.warmup_steps=10000 train.steps=100000``
+    for the paper's.
+    """
+    return Recipe(batch_size=64, lr=1.0e-4, weight_decay=1.0e-4, warmup_steps=1000, grad_clip=0.25)
 
 
 @dataclass
@@ -84,11 +101,12 @@ class DTConfig:
     attention_dropout: float = 0.1
     max_timestep: int = 1000  # timestep embedding rows; later steps reuse the last row
     rtg_scale: float = 1000.0  # returns-to-go are divided by this before embedding
-    target_return: float | None = None  # default evaluation target; reset(target_return=...) overrides
     attention_window: int = 7  # steps each token sees (banded, streams with no recompute); 0 = the whole context (DT)
     predict_state: bool = False
     predict_return: bool = False
     precision: str = "fp32"  # "bf16": the training forward runs under bf16 autocast (rollouts stay fp32)
+    recipe: Recipe = field(default_factory=dt_recipe)
+    inference: DTInference = field(default_factory=DTInference)
 
     def __post_init__(self) -> None:
         for name in ("context_len", "embed_dim", "n_layers", "n_heads", "max_timestep"):
@@ -102,8 +120,6 @@ class DTConfig:
             raise ValueError(f"rtg_scale must be positive, got {self.rtg_scale}")
         if not 0 <= self.attention_window <= self.context_len:
             raise ValueError(f"attention_window must be in [0, context_len={self.context_len}], got {self.attention_window}")
-        if self.target_return is not None:
-            self.target_return = float(self.target_return)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -121,7 +137,10 @@ def step_attention_mask(steps: int, window: int, device=None) -> torch.Tensor:
 @register_policy
 class DecisionTransformer(Policy):
     name = "dt"
+    label = "kinema DT"
     config_class = DTConfig
+    conditioning = ("target_return",)
+    multi_trial = True
 
     def __init__(self, config: DTConfig, spec: PolicySpec, stats: NormStats):
         super().__init__(config, spec, stats)
@@ -142,8 +161,6 @@ class DecisionTransformer(Policy):
                 init_gpt_weights(module)
         window = config.attention_window
         self.register_buffer("train_mask", step_attention_mask(config.context_len, window), persistent=False)
-        # Rollouts: cached decoding can be switched off (benchmarks, tests) without touching the config.
-        self.use_kv_cache = True
 
     # -- what the tokens carry (the Agentic Transformer extends these) ---------------------
     @property
@@ -256,11 +273,11 @@ class DecisionTransformer(Policy):
             raise ValueError(f"{self.name}.reset: unknown conditioning {sorted(conditioning)}; it accepts target_return")
         require_positive_int(num_envs, "num_envs")
         if target_return is None:
-            target_return = self.config.target_return
+            target_return = self.inference.target_return
         if target_return is None:
             raise ValueError(
-                f"{self.name}.reset: no target return; pass reset(num_envs, target_return=...) or set the policy "
-                f"config's target_return (DT's: {DT_TARGET_RETURNS})"
+                f"{self.name}.reset: no target return; pass reset(num_envs, target_return=...) or set the "
+                "inference option target_return"
             )
         try:
             targets = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (int(num_envs),)).copy()
@@ -270,10 +287,10 @@ class DecisionTransformer(Policy):
             ) from error
         if not np.isfinite(targets).all():
             raise ValueError(f"{self.name}.reset: target_return must be finite, got {target_return}")
-        if self.config.attention_window and not self.use_kv_cache:
+        if self.config.attention_window and not self.inference.use_kv_cache:
             raise ValueError(
                 f"{self.name}: a policy trained with attention_window decodes with its KV cache only "
-                "(a recomputed window is not what it was trained to see); set use_kv_cache = True"
+                "(a recomputed window is not what it was trained to see); set inference.use_kv_cache=true"
             )
         self._rollout = _Rollout(self, int(num_envs), targets)
 
@@ -323,7 +340,7 @@ class DecisionTransformer(Policy):
         state.slot_pattern[:, ACTION_SLOT] = state.context_steps > 0
         state.valid_views[j].copy_(state.slot_pattern_t)
 
-        if self.config.attention_window or (self.use_kv_cache and state.context_steps.max() < state.groups):
+        if self.config.attention_window or (self.inference.use_kv_cache and state.context_steps.max() < state.groups):
             key_valid = state.key_valid
             mask = (key_valid.unsqueeze(1) & state.decode_allowed[j]) | state.decode_self[j]
             hidden = self.transformer.decode(

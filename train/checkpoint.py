@@ -3,9 +3,15 @@
 A checkpoint is a directory:
 
     model.safetensors        policy weights (no pickles anywhere)
+    ema.safetensors          the exponential moving average of the weights, when the policy's
+                             recipe keeps one (same keys); evaluation loads it instead of model.safetensors
     config.yaml              the resolved run config plus a `checkpoint:` block (task, spec, step)
-    stats.json               normalisation statistics (NormStats)
+    stats.json               normalisation statistics keyed by feature (NormStats, format kinema.stats/2)
     trainer_state.safetensors / trainer_state.json   optimiser, RNG and sampler state (resume only)
+
+Checkpoints written before policies declared their recipe (flat stats.json with
+obs_mean/obs_std; train.lr, train.batch_size, ... and policy.target_return in config.yaml)
+load unchanged: ``read_run_config`` maps their keys to today's.
 
 It is written into a temporary sibling directory and renamed into place, so a run killed at
 any moment (even kill -9) leaves either the previous checkpoint or the new one, never half
@@ -17,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from kinema.policies import NormStats, Policy, PolicySpec, make_policy
 
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
 CONFIG = "config.yaml"
 STATS = "stats.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
@@ -73,8 +80,9 @@ def save_checkpoint(
     step: int,
     dataset_refs: tuple[float, float] | None,
     trainer_state: dict[str, Any] | None = None,
+    ema: Policy | None = None,
 ) -> Path:
-    """Atomically write a checkpoint to ``directory`` (replacing an older one there)."""
+    """Atomically write a checkpoint to ``directory`` (replacing an older one there); ``ema`` is the averaged policy."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
@@ -82,21 +90,23 @@ def save_checkpoint(
         shutil.rmtree(staging)
     staging.mkdir()
 
-    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()}
-    save_file(weights, str(staging / WEIGHTS), metadata={"policy": policy.name, "step": str(step)})
-    with open(staging / WEIGHTS, "rb+") as handle:
-        os.fsync(handle.fileno())
+    for filename, module in ((WEIGHTS, policy), (EMA_WEIGHTS, ema)):
+        if module is None:
+            continue
+        weights = {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
+        save_file(weights, str(staging / filename), metadata={"policy": policy.name, "step": str(step)})
+        with open(staging / filename, "rb+") as handle:
+            os.fsync(handle.fileno())
     config = dict(run_config)
     config["checkpoint"] = {
         "policy": policy.name,
         "task": task,
         "step": step,
-        "spec": asdict(policy.spec),
+        "spec": policy.spec.to_dict(),
         "dataset_refs": list(dataset_refs) if dataset_refs else None,
     }
     _write_file(staging / CONFIG, yaml.safe_dump(config, sort_keys=False))
-    stats = NormStats(policy.obs_mean.cpu().numpy(), policy.obs_std.cpu().numpy())
-    _write_file(staging / STATS, json.dumps(stats.to_dict()))
+    _write_file(staging / STATS, json.dumps(policy.stats.to_dict()))
     if trainer_state is not None:
         tensors, plain = _split_tensors(trainer_state)
         save_file(tensors, str(staging / TRAINER_TENSORS))
@@ -157,8 +167,40 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the policy from a checkpoint directory; refuses incomplete or inconsistent ones."""
+# Keys of the training recipe that lived under `train:` before policies declared their recipe.
+LEGACY_RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip")
+
+
+def read_run_config(directory: Path) -> dict[str, Any]:
+    """A checkpoint's config.yaml in today's layout (older layouts are mapped, see the module docstring)."""
+    path = Path(directory) / CONFIG
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise CheckpointError(f"checkpoint {path} is not valid YAML: {error}") from error
+    if not isinstance(config, dict) or not isinstance(config.get("policy"), dict):
+        raise CheckpointError(f"checkpoint {path} lacks the policy config (key `policy`)")
+    policy = config["policy"]
+    if "recipe" not in policy:  # written before policies declared their recipe
+        train = config.get("train") or {}
+        policy["recipe"] = {key: train.pop(key) for key in LEGACY_RECIPE_KEYS if key in train}
+        inference = policy.setdefault("inference", {})
+        if "target_return" in policy:
+            inference["target_return"] = policy.pop("target_return")
+        (config.get("eval") or {}).pop("target_returns", None)
+    return config
+
+
+def model_config(policy_config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a policy config that defines the model (what resuming must not change)."""
+    return {key: value for key, value in policy_config.items() if key not in ("recipe", "inference")}
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
+    """Rebuild the policy from a checkpoint directory; refuses incomplete or inconsistent ones.
+
+    The EMA weights (``ema.safetensors``) are loaded when present, unless ``use_ema=False``.
+    """
     directory = resolve_checkpoint_dir(path)
     missing = [name for name in REQUIRED if not (directory / name).is_file()]
     if missing:
@@ -166,40 +208,33 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             f"checkpoint {directory} is incomplete: missing {', '.join(missing)} "
             f"(a kinema checkpoint holds {', '.join(REQUIRED)})"
         )
-    try:
-        config = yaml.safe_load((directory / CONFIG).read_text())
-    except yaml.YAMLError as error:
-        raise CheckpointError(f"checkpoint {directory / CONFIG} is not valid YAML: {error}") from error
-    block = config.get("checkpoint") if isinstance(config, dict) else None
+    config = read_run_config(directory)
+    block = config.get("checkpoint")
     for key in ("policy", "task", "spec", "step"):
         if not isinstance(block, dict) or key not in block:
             raise CheckpointError(f"checkpoint {directory / CONFIG} lacks the key checkpoint.{key}")
-    if not isinstance(config.get("policy"), dict):
-        raise CheckpointError(f"checkpoint {directory / CONFIG} lacks the policy config (key `policy`)")
     try:
         stats = NormStats.from_dict(json.loads((directory / STATS).read_text()), source=str(directory / STATS))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"checkpoint {directory / STATS} is not valid JSON: {error}") from error
-    spec_values = dict(block["spec"])
-    spec_values["action_low"] = tuple(spec_values["action_low"])
-    spec_values["action_high"] = tuple(spec_values["action_high"])
-    spec = PolicySpec(**spec_values)
+    spec = PolicySpec.from_dict(dict(block["spec"]), source=f"{directory / CONFIG} checkpoint.spec")
     policy = make_policy(config["policy"], spec, stats)
+    weights_file = directory / (EMA_WEIGHTS if use_ema and (directory / EMA_WEIGHTS).is_file() else WEIGHTS)
     try:
-        weights = load_file(str(directory / WEIGHTS))
+        weights = load_file(str(weights_file))
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"checkpoint weights {directory / WEIGHTS} cannot be read: {error}") from error
+        raise CheckpointError(f"checkpoint weights {weights_file} cannot be read: {error}") from error
     expected = set(policy.state_dict())
     absent, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if absent or unexpected:
         raise CheckpointError(
-            f"checkpoint weights {directory / WEIGHTS} do not match the {block['policy']!r} policy in its config: "
+            f"checkpoint weights {weights_file} do not match the {block['policy']!r} policy in its config: "
             f"missing keys {absent[:5]}{'...' if len(absent) > 5 else ''}, unexpected keys {unexpected[:5]}"
         )
     try:
         policy.load_state_dict(weights)
     except RuntimeError as error:  # shape mismatches
-        raise CheckpointError(f"checkpoint weights {directory / WEIGHTS} do not fit the policy config: {error}") from error
+        raise CheckpointError(f"checkpoint weights {weights_file} do not fit the policy config: {error}") from error
     refs = block.get("dataset_refs")
     return LoadedCheckpoint(
         policy=policy.to(device),

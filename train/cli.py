@@ -27,6 +27,36 @@ if not OmegaConf.has_resolver("kinema_unique"):
     OmegaConf.register_new_resolver("kinema_unique", _unique_suffix, use_cache=True)
 
 
+def register_configs() -> None:
+    """Config groups of kinema-train and kinema-eval, built from code so each default lives in one place.
+
+    ``policy=<name>``: every registered family (``kinema.policies``), its node the family's
+    config dataclass, so ``--cfg job`` shows every field and Hydra checks types.
+    ``dataset=<name>``: every dataset of the suite manifest, and the embedded slice.
+    Called by those apps only: kinema-collect's own ``dataset=<name>`` is a plain key.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from kinema.datasets.suite import EMBEDDED_NAME, suite_names
+    from kinema.policies import available_policies, policy_class
+
+    store = ConfigStore.instance()
+    for name in available_policies():
+        node = OmegaConf.merge({"name": name}, OmegaConf.structured(policy_class(name).config_class))
+        store.store(group="policy", name=name, node=node)
+    for name in (EMBEDDED_NAME, *suite_names()):
+        store.store(group="dataset", name=name, node={"name": name, "path": None})
+
+
+def compose_train_config(overrides: list[str]) -> dict:
+    """kinema-train's resolved config for ``overrides``, without running it (tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=HYDRA_VERSION_BASE):
+        return to_plain(compose("train", overrides=overrides))
+
+
 def report_user_errors(command: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[DictConfig], Any]]:
     """Wrap a Hydra task function so a user error prints one paragraph and exits non-zero."""
 

@@ -2,41 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, report_user_errors, to_plain
+from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, register_configs, report_user_errors, to_plain
+
+register_configs()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=HYDRA_VERSION_BASE)
 @report_user_errors("kinema-eval")
 def main(cfg: DictConfig) -> float | None:
+    from kinema.envs import get_task
     from kinema.train.checkpoint import load_checkpoint
     from kinema.train.evaluation import run_evaluation
-    from kinema.train.trainer import _describe, eval_conditioning, select_device, write_json
+    from kinema.train.trainer import _describe, eval_conditioning, eval_trials, select_device, write_json
 
     settings = to_plain(cfg)
     if not settings.get("checkpoint"):
         raise ValueError("kinema-eval needs checkpoint=<checkpoint directory or run directory>")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    loaded = load_checkpoint(settings["checkpoint"], device=select_device(str(settings["device"])))
+    loaded = load_checkpoint(settings["checkpoint"], device=select_device(str(settings["device"])), use_ema=bool(settings["use_ema"]))
+    policy = loaded.policy
+    policy.configure_inference(**(settings.get("inference") or {}))
     trained_eval = dict(loaded.config.get("eval", {}))
     trained_eval.update({k: v for k, v in settings["eval"].items() if v is not None})
-    conditioning = eval_conditioning({"eval": trained_eval}, loaded.task, None)
+    trained_eval["trials"] = eval_trials(policy, trained_eval)
+    conditioning = eval_conditioning(policy, {"eval": trained_eval}, get_task(loaded.task), None)
     video = run_dir / "episode.mp4" if settings.get("video") else None
-    loaded.policy.eval()
     result = run_evaluation(
-        loaded.policy, loaded.task, trained_eval, conditioning, loaded.dataset_refs, video_path=video, progress=True
+        policy, loaded.task, trained_eval, conditioning, loaded.dataset_refs, video_path=video, progress=True
     )
     result.update(
-        {"task": loaded.task, "policy": loaded.policy.name, "step": loaded.step, "checkpoint": str(loaded.path),
-         **conditioning, **({"video": str(video)} if video else {})}
+        {"task": loaded.task, "policy": policy.name, "step": loaded.step, "checkpoint": str(loaded.path),
+         "inference": dataclasses.asdict(policy.inference), **conditioning, **({"video": str(video)} if video else {})}
     )
     write_json(run_dir / "eval.json", result)
-    print(f"kinema-eval: {loaded.policy.name} from {loaded.path} on {loaded.task}: {_describe(result)}")
+    print(f"kinema-eval: {policy.name} from {loaded.path} on {loaded.task}: {_describe(result)}")
     print(f"kinema-eval: wrote {run_dir / 'eval.json'}" + (f" and {video}" if video else ""))
     return result.get("normalized_score_mean")
 

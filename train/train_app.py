@@ -8,7 +8,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, report_user_errors, to_plain
+from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, register_configs, report_user_errors, to_plain
+
+register_configs()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=HYDRA_VERSION_BASE)

@@ -8,6 +8,7 @@ gradients are averaged, and only rank 0 logs, evaluates and writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,16 +31,20 @@ from kinema.policies import NormStats, Policy, PolicySpec, make_policy
 from kinema.train.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
+    model_config,
     prune_checkpoints,
+    read_run_config,
     save_checkpoint,
 )
+from kinema.train.recipe import make_ema, make_optimizer, make_scheduler
 from kinema.train.data import ResolvedDataset, resolve_dataset
 from kinema.train.evaluation import run_evaluation
 from kinema.train.metrics import RunLogger, plot_learning_curve
 
 EVAL_JSON = "eval.json"
-# Keys that must match for a run directory to be resumed; anything else (e.g. train.steps) may change.
-RESUME_KEYS = ("policy", "dataset", "env", "seed")
+# Keys that must match for a run directory to be resumed (the policy's model part and its
+# recipe are checked separately); anything else (e.g. train.steps) may change.
+RESUME_KEYS = ("dataset", "env", "seed")
 
 
 @dataclass
@@ -86,22 +91,30 @@ def policy_spec(task: Any) -> PolicySpec:
 TARGET_RETURN_MODES = ("dataset_max", "task")
 
 
-def eval_conditioning(cfg: dict[str, Any], task_name: str, data: ResolvedDataset | None) -> dict[str, Any]:
-    """The target return of return-conditioned policies, from ``eval.target_return``.
+def eval_conditioning(policy: Policy, cfg: dict[str, Any], task: Any, data: ResolvedDataset | None) -> dict[str, Any]:
+    """What ``policy.reset`` is handed at evaluation: only the conditioning its family declares.
 
-    ``dataset_max`` (the default) conditions on the best episode return in the training data:
-    a target far above anything in the data puts the return tokens out of distribution, and
-    the DT paper's per-task targets were set for D4RL's SAC data, not for every dataset.
-    ``task`` takes ``eval.target_returns[task]`` (those paper values, for D4RL's own files);
-    a number is used as it is. BC and other unconditioned policies ignore it.
+    Target return (``eval.target_return``), for families that take one: ``dataset_max`` (also
+    what null means) conditions on the best episode return in the training data: a target far
+    above anything in the data puts the return tokens out of distribution, and the DT paper's
+    per-task targets were set for D4RL's SAC data, not for every dataset. ``task`` takes the
+    task's ``target_return`` (those paper values, for D4RL's own files); a number is used as
+    it is. A family without a target return refuses an explicit one.
     """
-    eval_cfg = cfg["eval"]
-    target = eval_cfg.get("target_return")
-    if target is None or target == "task":  # null: checkpoints written before dataset_max was the default
-        fallback = "dataset_max" if data is not None else None
-        target = (eval_cfg.get("target_returns") or {}).get(task_name, fallback)
+    target = cfg["eval"].get("target_return")
+    if "target_return" not in policy.conditioning:
+        if target not in (None, "dataset_max"):
+            raise ValueError(
+                f"eval.target_return={target!r}, but the {policy.name!r} policy takes no target return "
+                f"(its reset conditioning: {list(policy.conditioning) or 'none'}); leave eval.target_return unset"
+            )
+        return {}
+    if target is None:
+        target = "dataset_max"
+    if target == "task":
+        target = task.target_return
         if target is None:
-            return {}
+            raise ValueError(f"eval.target_return=task, but task {task.name!r} has no target return; pass a number")
     if target == "dataset_max":
         if data is None:
             raise ValueError(
@@ -120,6 +133,12 @@ def eval_conditioning(cfg: dict[str, Any], task_name: str, data: ResolvedDataset
     return {"target_return": value}
 
 
+def eval_trials(policy: Policy, eval_cfg: dict[str, Any]) -> int:
+    """``eval.trials``, or the family's default (the Agentic Transformer plays 4 per context)."""
+    trials = eval_cfg.get("trials")
+    return policy.default_trials if trials is None else int(trials)
+
+
 class _LossModule(nn.Module):
     """DDP hooks gradients through forward(); this routes forward to policy.loss."""
 
@@ -131,10 +150,6 @@ class _LossModule(nn.Module):
         return self.policy.loss(batch)
 
 
-def _warmup_factor(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     for key in RESUME_KEYS:
         if saved.get(key) != current.get(key):
@@ -143,6 +158,21 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path)
                 f"({saved.get(key)!r}, now {current.get(key)!r}); resume with the same configuration "
                 "or choose a new hydra.run.dir"
             )
+    saved_model, current_model = model_config(saved["policy"]), model_config(current["policy"])
+    if saved_model != current_model:
+        changed = sorted(k for k in set(saved_model) | set(current_model) if saved_model.get(k) != current_model.get(k))
+        raise ValueError(
+            f"the run directory's checkpoint {path} holds a different model (policy.{', policy.'.join(changed)} changed); "
+            "resume with the same model or choose a new hydra.run.dir"
+        )
+    # A changed recipe would silently mix two optimisers' states: refused, naming the fields.
+    saved_recipe, current_recipe = saved["policy"].get("recipe", {}), current["policy"].get("recipe", {})
+    changed = sorted(k for k in set(saved_recipe) | set(current_recipe) if saved_recipe.get(k) != current_recipe.get(k))
+    if changed:
+        raise ValueError(
+            f"the run directory's checkpoint {path} was trained with a different recipe "
+            f"(policy.recipe.{', policy.recipe.'.join(changed)}); resume with the same recipe or choose a new hydra.run.dir"
+        )
 
 
 def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
@@ -164,13 +194,16 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     data = resolve_dataset(cfg["dataset"], cfg.get("env"))
     task = data.task
     spec = policy_spec(task)
-    stats = NormStats(data.dataset.obs_mean, data.dataset.obs_std)
+    stats = NormStats(data.dataset.statistics(), source=f"statistics of {data.path}")
     policy = make_policy(cfg["policy"], spec, stats).to(device)
+    # The resolved config (every recipe and inference field) is what checkpoints record.
+    cfg = {**cfg, "policy": {"name": policy.name, **json.loads(json.dumps(dataclasses.asdict(policy.config)))}}
+    recipe = policy.config.recipe
     batch_spec = policy.batch_spec
     sampler = make_sampler(
         data.dataset,
         batch_spec.kind,
-        batch_size=int(train_cfg["batch_size"]),
+        batch_size=recipe.batch_size,
         context_len=batch_spec.context_len,
         seed=int(cfg["seed"]),
         rank=world.rank,
@@ -178,26 +211,30 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         device=str(device),
         **batch_spec.options,
     )
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"])
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(int(train_cfg["warmup_steps"])))
+    optimizer = make_optimizer(policy, recipe)
+    ema = make_ema(policy, recipe)
 
     checkpoints_dir = run_dir / "checkpoints"
     step = 0
+    # The cosine schedule's horizon is fixed at the first start; resuming with more steps keeps it.
+    schedule_horizon = recipe.schedule_steps or int(train_cfg["steps"])
     resume_from = latest_checkpoint(checkpoints_dir)
+    state = None
     if resume_from is not None:
-        import yaml
-
-        _check_resumable(yaml.safe_load((resume_from / "config.yaml").read_text()), cfg, resume_from)
+        _check_resumable(read_run_config(resume_from), cfg, resume_from)
         state = load_trainer_state(resume_from)
         if state is None:
             raise ValueError(f"checkpoint {resume_from} has no trainer state to resume from")
+        schedule_horizon = int(state.get("schedule_horizon", schedule_horizon))
+    scheduler = make_scheduler(optimizer, recipe, schedule_horizon)
+    if state is not None:
         from safetensors.torch import load_file
 
         policy.load_state_dict(load_file(str(resume_from / "model.safetensors")))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         if len(state["samplers"]) != world.world_size:
             raise ValueError(
                 f"checkpoint {resume_from} was written by {len(state['samplers'])} training process(es); "
@@ -208,6 +245,11 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         step = int(state["step"])
         if world.is_main:
             tqdm.write(f"kinema-train: resuming {run_dir} from step {step} ({resume_from.name})")
+            if recipe.schedule == "cosine" and schedule_horizon != int(train_cfg["steps"]):
+                tqdm.write(
+                    f"kinema-train: the cosine schedule keeps its horizon of {schedule_horizon} steps from the first start; "
+                    f"steps past it stay at the floor learning rate (set policy.recipe.schedule_steps in a new run to change it)"
+                )
 
     model: nn.Module = _LossModule(policy)
     if world.world_size > 1:
@@ -215,15 +257,16 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    conditioning = eval_conditioning(cfg, task.name, data)
-    # Checkpoints record the resolved target, so kinema-eval replays it without the data.
-    cfg = {**cfg, "eval": {**eval_cfg, "target_return": conditioning.get("target_return", eval_cfg.get("target_return"))}}
-    eval_cfg = cfg["eval"]
+    conditioning = eval_conditioning(policy, cfg, task, data)
+    # Checkpoints record the resolved target and trials, so kinema-eval replays them without the data.
+    eval_cfg = {**eval_cfg, "target_return": conditioning.get("target_return"), "trials": eval_trials(policy, eval_cfg)}
+    cfg = {**cfg, "eval": eval_cfg}
     logger = RunLogger(run_dir, resume_step=step if resume_from else None) if world.is_main else None
     total_steps = int(train_cfg["steps"])
-    grad_clip = train_cfg.get("grad_clip")
+    grad_clip = recipe.grad_clip
     log_every, checkpoint_every = int(train_cfg["log_every"]), int(train_cfg["checkpoint_every"])
     eval_every = int(eval_cfg.get("every") or 0)
+    evaluated = ema.module if ema is not None else policy  # the EMA weights, when the recipe keeps them
 
     def trainer_state() -> dict[str, Any]:
         sampler_states = [sampler.state_dict()]
@@ -237,19 +280,22 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
             "scheduler": scheduler.state_dict(),
             "samplers": sampler_states,
             "torch_rng": torch.get_rng_state(),
+            "schedule_horizon": schedule_horizon,
+            **({"ema": ema.state_dict()} if ema is not None else {}),
         }
 
     def checkpoint() -> None:
         state = trainer_state()  # collective under DDP: every rank takes part
         if world.is_main:
             save_checkpoint(
-                checkpoints_dir / f"step_{step:08d}", policy, cfg, task.name, step, data.reference_returns, state
+                checkpoints_dir / f"step_{step:08d}", policy, cfg, task.name, step, data.reference_returns, state,
+                ema=evaluated if ema is not None else None,
             )
             prune_checkpoints(checkpoints_dir, int(train_cfg["keep_checkpoints"]))
 
     def run_eval(episodes: int) -> dict[str, Any]:
-        policy.eval()
-        result = run_evaluation(policy, task.name, {**eval_cfg, "episodes": episodes}, conditioning, data.reference_returns)
+        evaluated.eval()
+        result = run_evaluation(evaluated, task.name, {**eval_cfg, "episodes": episodes}, conditioning, data.reference_returns)
         policy.train()
         return result
 
@@ -269,6 +315,8 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), float(grad_clip) if grad_clip else math.inf)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(policy)
         step += 1
         window_steps += 1
         for key, value in {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}.items():
@@ -297,7 +345,9 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         dist.barrier()
         dist.destroy_process_group()
         return None
-    final_dir = save_checkpoint(run_dir / "checkpoint", policy, cfg, task.name, step, data.reference_returns)
+    final_dir = save_checkpoint(
+        run_dir / "checkpoint", policy, cfg, task.name, step, data.reference_returns, ema=evaluated if ema is not None else None
+    )
     result = run_eval(int(eval_cfg["episodes"]))
     result.update(
         {"task": task.name, "dataset": data.name, "dataset_path": str(data.path), "policy": policy.name,

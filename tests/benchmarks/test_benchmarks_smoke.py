@@ -177,7 +177,7 @@ def hf_policy():
 
     bench("hf_peer")  # registers "hf_dt"
     spec = PolicySpec(11, 3, (-1.0, -2.0, -1.0), (1.0, 2.0, 1.0), 1000)
-    stats = NormStats(np.full(11, 0.5, np.float32), np.full(11, 2.0, np.float32))
+    stats = NormStats.for_observations(np.full(11, 0.5, np.float32), np.full(11, 2.0, np.float32))
     torch.manual_seed(0)
     return make_policy({"name": "hf_dt", "context_len": 6}, spec, stats).eval()
 

@@ -28,7 +28,7 @@ from kinema.train.checkpoint import load_checkpoint, save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 SPEC = PolicySpec(obs_dim=5, act_dim=2, action_low=(-1.0, -0.5), action_high=(1.0, 2.0), max_episode_steps=50)
-STATS = NormStats(np.linspace(-1.0, 1.0, 5).astype(np.float32), np.linspace(0.5, 2.0, 5).astype(np.float32))
+STATS = NormStats.for_observations(np.linspace(-1.0, 1.0, 5).astype(np.float32), np.linspace(0.5, 2.0, 5).astype(np.float32))
 TINY_TRANSFORMER = {"context_len": 5, "embed_dim": 8, "n_layers": 2, "n_heads": 2, "max_timestep": 50}
 SAVED_MODELS = {
     "bc": {"name": "bc", "hidden_dims": [8, 8], "dropout": 0.0},
@@ -43,11 +43,11 @@ EPISODE_END_STEP, EPISODE_END_ENVS = 7, [1]
 # Short training runs (trainer + sampler + optimiser + schedule) on a synthetic hopper-shaped dataset.
 TRAINING_STEPS = 24
 TRAINING_RUNS = {
-    "bc": ["policy=bc", "policy.hidden_dims=[16,16]", "train.warmup_steps=8"],
+    "bc": ["policy=bc", "policy.hidden_dims=[16,16]", "policy.recipe.warmup_steps=8"],
     "dt": ["policy=dt", "policy.embed_dim=16", "policy.n_layers=1", "policy.context_len=6",
-           "policy.attention_window=3", "train.warmup_steps=8", "train.batch_size=8"],
+           "policy.attention_window=3", "policy.recipe.warmup_steps=8", "policy.recipe.batch_size=8"],
     "at": ["policy=at", "policy.embed_dim=16", "policy.n_layers=1", "policy.context_len=6",
-           "policy.attention_window=3", "train.warmup_steps=8", "train.batch_size=8", "eval.trials=1"],
+           "policy.attention_window=3", "policy.recipe.warmup_steps=8", "policy.recipe.batch_size=8", "eval.trials=1"],
 }
 ACTION_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 LOSS_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
@@ -95,9 +95,7 @@ def synthetic_hopper_dataset(path: Path) -> Path:
 
 def train_run(name: str, data: Path, run_dir: Path) -> dict[str, list[float]]:
     """Per-step training loss and learning rate of the pinned short run ``name``."""
-    from hydra import compose, initialize_config_dir
-
-    from kinema.train.cli import CONFIG_DIR, to_plain
+    from kinema.train.cli import compose_train_config
     from kinema.train.metrics import read_rows
     from kinema.train.trainer import run_training
 
@@ -105,9 +103,7 @@ def train_run(name: str, data: Path, run_dir: Path) -> dict[str, list[float]]:
         f"dataset.path={data}", f"train.steps={TRAINING_STEPS}", "train.log_every=1", "train.checkpoint_every=1000",
         "eval.episodes=1", "eval.num_envs=1", "seed=0", "threads=1", *TRAINING_RUNS[name],
     ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = to_plain(compose("train", overrides=overrides))
-    run_training(cfg, run_dir)
+    run_training(compose_train_config(overrides), run_dir)
     rows = [row for row in read_rows(run_dir / "metrics.jsonl") if "train/loss" in row]
     return {"loss": [row["train/loss"] for row in rows], "lr": [row["train/lr"] for row in rows]}
 

@@ -17,7 +17,7 @@ from kinema.policies.at import AgenticTransformer
 
 OBS_DIM, ACT_DIM = 5, 3
 SPEC = PolicySpec(obs_dim=OBS_DIM, act_dim=ACT_DIM, action_low=(-2.0, -1.0, 0.0), action_high=(2.0, 1.0, 1.0))
-STATS = NormStats(np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32))
+STATS = NormStats.for_observations(np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32))
 TINY = {"context_len": 4, "embed_dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "attention_dropout": 0.0,
         "attention_window": 0}  # exact full-context DT unless a test asks for a band
 
@@ -132,7 +132,7 @@ def test_multi_trial_rollout_on_hopper_reports_every_trial() -> None:
     obs_dim, act_dim, low, high = task_spaces("hopper")
     spec = PolicySpec(obs_dim, act_dim, low, high)
     torch.manual_seed(0)
-    policy = make_policy({"name": "at", **TINY}, spec, NormStats(np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)))
+    policy = make_policy({"name": "at", **TINY}, spec, NormStats.for_observations(np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)))
     result = evaluate_trials(policy.eval(), "hopper", episodes=2, trials=2, seed=0, num_envs=2,
                              conditioning={"target_return": 3600.0})
     returns = np.array(result.returns)

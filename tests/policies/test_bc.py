@@ -9,7 +9,7 @@ import torch
 from kinema.policies import NormStats, PolicySpec, available_policies, make_policy
 
 SPEC = PolicySpec(obs_dim=4, act_dim=2, action_low=(-2.0, -1.0), action_high=(2.0, 1.0))
-STATS = NormStats(np.array([0.0, 1.0, 2.0, 3.0], np.float32), np.array([1.0, 2.0, 0.5, 1.0], np.float32))
+STATS = NormStats.for_observations(np.array([0.0, 1.0, 2.0, 3.0], np.float32), np.array([1.0, 2.0, 0.5, 1.0], np.float32))
 
 
 def test_registry_knows_bc_and_rejects_unknown_fields() -> None:
@@ -38,7 +38,7 @@ def test_bc_fits_a_linear_expert() -> None:
     torch.manual_seed(0)
     policy = make_policy({"name": "bc", "hidden_dims": [64, 64]}, SPEC, STATS)
     weights = torch.randn(4, 2) * 0.3
-    obs = torch.randn(512, 4) * torch.from_numpy(STATS.obs_std) + torch.from_numpy(STATS.obs_mean)
+    obs = torch.randn(512, 4) * torch.from_numpy(STATS.get("observations", "std")) + torch.from_numpy(STATS.get("observations", "mean"))
     actions = policy.scale_action(torch.tanh(policy.normalize_obs(obs) @ weights))
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
     first = None

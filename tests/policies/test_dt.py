@@ -17,7 +17,7 @@ from kinema.policies.dt import DecisionTransformer
 
 OBS_DIM, ACT_DIM = 5, 3
 SPEC = PolicySpec(obs_dim=OBS_DIM, act_dim=ACT_DIM, action_low=(-2.0, -1.0, 0.0), action_high=(2.0, 1.0, 1.0))
-STATS = NormStats(np.linspace(-1, 1, OBS_DIM).astype(np.float32), np.linspace(0.5, 2, OBS_DIM).astype(np.float32))
+STATS = NormStats.for_observations(np.linspace(-1, 1, OBS_DIM).astype(np.float32), np.linspace(0.5, 2, OBS_DIM).astype(np.float32))
 TINY = {"context_len": 4, "embed_dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "attention_dropout": 0.0,
         "attention_window": 0}  # exact full-context DT unless a test asks for a band
 
@@ -272,7 +272,7 @@ def test_cached_rollouts_match_the_forward_pass_across_slides_and_episode_ends(n
 @pytest.mark.parametrize("name", ["dt", "at"])
 def test_recomputing_every_step_gives_the_same_actions(name: str, monkeypatch) -> None:
     policy = tiny_policy(name)
-    policy.use_kv_cache = False
+    policy.configure_inference(use_kv_cache=False)
     paths = PathCounter(policy, monkeypatch)
     assert rollout_error(policy, steps=9, num_envs=2, end_at={5: [0]}) < 1e-5
     assert paths.decoded == 0 and paths.recomputed == 9
@@ -290,7 +290,7 @@ def test_a_banded_model_streams_with_its_cache_and_matches_a_forward_over_the_wh
     assert rollout_error(policy, steps=12, num_envs=2, end_at={7: [1]}) < 1e-5
     wide = tiny_policy(name, attention_window=4)  # receptive field longer than a window: not equal
     assert rollout_error(wide, steps=12, num_envs=1, end_at={}) > 1e-4
-    policy.use_kv_cache = False
+    policy.configure_inference(use_kv_cache=False)
     with pytest.raises(ValueError, match="KV cache"):
         policy.reset(1, target_return=1.0)
 

@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
 from kinema.train.checkpoint import CheckpointError, load_checkpoint
-from kinema.train.cli import CONFIG_DIR, to_plain
+from kinema.train.cli import compose_train_config
 from kinema.train.trainer import run_training
 
 
 def train_config(data: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"dataset.path={data}", "eval.episodes=1", "eval.num_envs=1", *overrides])
-    return to_plain(cfg)
+    return compose_train_config([f"dataset.path={data}", "eval.episodes=1", "eval.num_envs=1", *overrides])
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -54,7 +51,16 @@ def test_checkpoint_round_trip_and_refusals(hopper_random_hdf5: Path, tmp_path: 
     checkpoint = tmp_path / "checkpoint"
     loaded = load_checkpoint(checkpoint)
     assert loaded.task == "hopper" and loaded.step == 5 and loaded.policy.name == "dt"  # the default policy
-    assert json.loads((checkpoint / "stats.json").read_text()).keys() == {"obs_mean", "obs_std"}
+    stats = json.loads((checkpoint / "stats.json").read_text())
+    assert stats["format"] == "kinema.stats/2" and stats["features"].keys() == {"observations"}  # what DT needs
+    assert stats["features"]["observations"].keys() == {"mean", "std"}
+
+    without_std = tmp_path / "without-std"
+    shutil.copytree(checkpoint, without_std)
+    del stats["features"]["observations"]["std"]
+    (without_std / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="observations.std, which is missing"):
+        load_checkpoint(without_std)
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
@@ -77,3 +83,23 @@ def test_checkpoint_round_trip_and_refusals(hopper_random_hdf5: Path, tmp_path: 
 
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_changed_model_or_recipe_is_refused_on_resume_and_inference_options_are_not(hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    run_training(train_config(hopper_random_hdf5, "train.steps=4", "train.checkpoint_every=2"), tmp_path)
+    with pytest.raises(ValueError, match=r"different model \(policy.embed_dim changed\)"):
+        run_training(train_config(hopper_random_hdf5, "train.steps=6", "policy.embed_dim=64"), tmp_path)
+    with pytest.raises(ValueError, match=r"different recipe \(policy.recipe.lr\)"):
+        run_training(train_config(hopper_random_hdf5, "train.steps=6", "policy.recipe.lr=0.01"), tmp_path)
+    run_training(train_config(hopper_random_hdf5, "train.steps=6", "policy.inference.target_return=10"), tmp_path)
+    assert load_checkpoint(tmp_path).step == 6
+
+
+def test_ema_weights_are_saved_beside_the_model_and_evaluated(hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    run_training(train_config(hopper_random_hdf5, "policy=bc", "train.steps=6", "policy.recipe.ema=true"), tmp_path)
+    checkpoint = tmp_path / "checkpoint"
+    model, ema = load_file(str(checkpoint / "model.safetensors")), load_file(str(checkpoint / "ema.safetensors"))
+    assert model.keys() == ema.keys() and any(not torch.equal(model[k], ema[k]) for k in model)
+    for use_ema, expected in ((True, ema), (False, model)):
+        loaded = load_checkpoint(checkpoint, use_ema=use_ema).policy.state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected)
