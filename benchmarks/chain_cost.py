@@ -43,7 +43,7 @@ FIT_LENGTHS = (8, 16, 32)  # context lengths of the three exact counts that fix 
 
 def draw_chain_lengths(dataset: Any, max_chain_len: int, chains: int, seed: int) -> np.ndarray:
     """Total steps of `chains` chains drawn by kinema's chain sampler."""
-    from kinema.datasets.chains import ChainSampler
+    from kinema.datasets.samplers.chains import ChainSampler
 
     batch_size = min(chains, 4096)
     sampler = ChainSampler(dataset, batch_size=batch_size, seed=seed, context_len=1, max_chain_len=max_chain_len)

@@ -2,7 +2,7 @@
 
 There is no official code; these are kinema's choices (BENCHMARKS.md, "open choices").
 
-Chains (``kinema.datasets.chains``, batch kind ``chains``). A chain is 1..max_chain_len
+Chains (``kinema.datasets.samplers.chains``, batch kind ``chains``). A chain is 1..max_chain_len
 distinct episodes (drawn in proportion to their length, like DT windows) sorted by
 ascending total return and laid end to end. Every episode's target is relabelled to the chain's maximum
 return R_max, so its return-to-go is R_max minus the rewards collected so far *in that

@@ -20,7 +20,7 @@ observations are raw, the policy normalises them itself so it can never be skipp
   rewards (B, K), returns_to_go (B, K) (unscaled), timesteps (B, K) int64,
   mask (B, K) bool (True = real step; padding is on the left).
 - ``chains`` (context K): as ``windows`` plus the Agentic Transformer's fields (see
-  ``kinema.datasets.chains``): completions (B, K) float (task-completion token) and
+  ``kinema.datasets.samplers.chains``): completions (B, K) float (task-completion token) and
   final_trial (B, K) bool (step belongs to the chain's best episode); returns_to_go are
   relabelled to the chain's best return.
 """

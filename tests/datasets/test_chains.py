@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kinema.datasets import OfflineDataset, make_sampler
-from kinema.datasets.chains import ChainSampler
+from kinema.datasets.samplers.chains import ChainSampler
 
 # Constant reward per episode, so every return (length * reward) is distinct and predictable.
 LENGTHS = [3, 5, 7, 4, 6, 8, 2]

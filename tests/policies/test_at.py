@@ -11,7 +11,7 @@ import torch
 
 import kinema.policies.at  # noqa: F401  (registers "at")
 from kinema.datasets import OfflineDataset, make_sampler
-from kinema.datasets.chains import ChainSampler
+from kinema.datasets.samplers.chains import ChainSampler
 from kinema.policies import NormStats, PolicySpec, make_policy
 from kinema.policies.at import AgenticTransformer
 

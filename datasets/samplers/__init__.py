@@ -10,20 +10,23 @@ noted, observations raw). Every sampler:
   ``load_state_dict()`` holding the numpy Generator state as plain JSON, so a resumed
   run continues the very same sample stream.
 
-New kinds (e.g. ``chains``) subclass :class:`EpisodeSampler` and call
-:func:`register_sampler`.
+New kinds subclass :class:`EpisodeSampler` and register with :func:`register_sampler`;
+they are found without a list of names: every module of this package (``chains.py``, ...)
+is imported on first use, and so is every module named by an installed package's
+``kinema.samplers`` entry point.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import pkgutil
+from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from .store import OfflineDataset
+from ..store import OfflineDataset
 
 
 class EpisodeSampler:
@@ -181,7 +184,8 @@ class WindowSampler(EpisodeSampler):
 
 
 SAMPLERS: dict[str, type[EpisodeSampler]] = {}
-OPTIONAL_SAMPLER_MODULES = ("chains",)
+ENTRY_POINT_GROUP = "kinema.samplers"
+_discovered = False
 
 
 def register_sampler(kind: str, cls: type[EpisodeSampler]) -> type[EpisodeSampler]:
@@ -209,9 +213,7 @@ def make_sampler(
     **options: Any,
 ) -> EpisodeSampler:
     """The sampler a policy's ``batch_spec`` (kind, context_len, options) asks for."""
-    if kind not in SAMPLERS:
-        # chains.py registers "chains" on import; try it before giving up.
-        _import_optional_samplers()
+    discover_samplers()
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler kind '{kind}'; known kinds: {sorted(SAMPLERS)}")
     return SAMPLERS[kind](
@@ -219,9 +221,17 @@ def make_sampler(
     )
 
 
-def _import_optional_samplers() -> None:
-    """Import sibling modules that register samplers when imported (chains.py)."""
-    for module in OPTIONAL_SAMPLER_MODULES:
-        name = f"{__package__}.{module}"
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+def discover_samplers() -> None:
+    """Import the sampler modules of this package and of the ``kinema.samplers`` entry points (once)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry_point.load()
+        except Exception as error:
+            raise ImportError(f"the {ENTRY_POINT_GROUP} entry point {entry_point.name!r} ({entry_point.value}) failed to load: {error}") from error

@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .samplers import EpisodeSampler, register_sampler
-from .store import OfflineDataset
+from ..store import OfflineDataset
+from . import EpisodeSampler, register_sampler
 
 MAX_REDRAWS = 10
 
