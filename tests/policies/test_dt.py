@@ -121,6 +121,22 @@ def test_bf16_precision_trains_under_autocast_with_nearly_the_same_loss() -> Non
     assert outer == loss.item() != fp32.loss(batch)[0].item()
 
 
+def test_bf16_warns_on_a_cpu_without_native_bf16(monkeypatch) -> None:
+    import kinema.policies.dt as dt_module
+
+    policy = tiny_policy(precision="bf16")
+    monkeypatch.setattr(dt_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        policy.loss(random_windows())
+    monkeypatch.setattr(dt_module, "cpu_has_native_bf16", lambda: True)
+    fresh = tiny_policy(precision="bf16")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.loss(random_windows())
+
+
 def test_auxiliary_heads_add_their_losses() -> None:
     policy = tiny_policy(predict_state=True, predict_return=True)
     loss, metrics = policy.loss(random_windows())
