@@ -150,6 +150,18 @@ class _LossModule(nn.Module):
         return self.policy.loss(batch)
 
 
+EVALUATIONS_DURING_TRAINING = 4  # eval.every=null: the learning curve gets this many points besides the final one
+
+
+def evaluation_interval(every: Any, total_steps: int) -> int:
+    """Steps between evaluations during training: ``eval.every``, or with null a few spread over the run."""
+    if every is None:
+        return max(1, total_steps // (EVALUATIONS_DURING_TRAINING + 1)) if total_steps > 0 else 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"eval.every must be an integer >= 0 (0 = only at the end) or null, got {every!r}")
+    return every
+
+
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     for key in RESUME_KEYS:
         if saved.get(key) != current.get(key):
@@ -265,7 +277,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     total_steps = int(train_cfg["steps"])
     grad_clip = recipe.grad_clip
     log_every, checkpoint_every = int(train_cfg["log_every"]), int(train_cfg["checkpoint_every"])
-    eval_every = int(eval_cfg.get("every") or 0)
+    eval_every = evaluation_interval(eval_cfg.get("every"), total_steps)
     evaluated = ema.module if ema is not None else policy  # the EMA weights, when the recipe keeps them
 
     def trainer_state() -> dict[str, Any]:
