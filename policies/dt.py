@@ -62,6 +62,7 @@ from kinema.policies import register_policy
 from kinema.policies.base import (
     BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, cpu_has_native_bf16, require_positive_int,
 )
+from kinema.policies.attention import available_attention_backends
 from kinema.policies.transformer import GPT, init_gpt_weights
 
 TOKENS_PER_STEP = 3  # [previous action, return-to-go, state]
@@ -76,10 +77,15 @@ class DTInference(InferenceOptions):
 
     target_return: Optional[float] = None  # used when reset() gets none (evaluation always passes one)
     use_kv_cache: bool = True  # False: recompute the window every step (exact full-context models only)
+    attention_backend: Optional[str] = None  # a kinema.policies.attention backend (sdpa, math, ...); None: its default
 
     def __post_init__(self) -> None:
         if self.target_return is not None:
             self.target_return = float(self.target_return)
+        if self.attention_backend is not None and self.attention_backend not in available_attention_backends():
+            raise ValueError(
+                f"attention_backend must be one of {available_attention_backends()} or null, got {self.attention_backend!r}"
+            )
 
 
 def dt_recipe() -> Recipe:
@@ -212,7 +218,9 @@ class DecisionTransformer(Policy):
         # Zero padded tokens so no value there (even NaN) can reach the attention sums.
         tokens = tokens.reshape(batch_size, TOKENS_PER_STEP * steps, -1) * valid.unsqueeze(-1)
         query = None if all_tokens else slice(STATE_SLOT, None, TOKENS_PER_STEP)
-        hidden = self.transformer(self.embed_dropout(tokens), self._attention_mask(valid), query_index=query)
+        hidden = self.transformer(
+            self.embed_dropout(tokens), self._attention_mask(valid), query_index=query, backend=self.inference.attention_backend
+        )
         out = {"unit_actions": unit_actions, "states": states, "return_feats": return_feats, "has_previous": has_previous}
         if all_tokens:
             hidden = hidden.view(batch_size, steps, TOKENS_PER_STEP, -1)
@@ -352,7 +360,8 @@ class DecisionTransformer(Policy):
             key_valid = state.key_valid
             mask = (key_valid.unsqueeze(1) & state.decode_allowed[j]) | state.decode_self[j]
             hidden = self.transformer.decode(
-                group, state.cache, start, mask.unsqueeze(1), key_valid.view(n, 1, 1, -1), state.weights
+                group, state.cache, start, mask.unsqueeze(1), key_valid.view(n, 1, 1, -1), state.weights,
+                self.inference.attention_backend,
             )
             state.write_group = (j + 1) % state.groups
         else:
@@ -378,7 +387,10 @@ class DecisionTransformer(Policy):
         slots = (order[:, None] * TOKENS_PER_STEP + torch.arange(TOKENS_PER_STEP, device=device)).reshape(-1)
         tokens = state.tokens[:, slots]
         valid = state.key_valid[:, slots]
-        hidden = self.transformer(tokens, self._attention_mask(valid), query_index=slice(-1, None), cache=state.cache)
+        hidden = self.transformer(
+            tokens, self._attention_mask(valid), query_index=slice(-1, None), cache=state.cache,
+            backend=self.inference.attention_backend,
+        )
         # The ring now starts at the oldest group.
         state.tokens.copy_(tokens)
         state.key_valid.copy_(valid)

@@ -84,10 +84,12 @@ class Block(nn.Module):
         causal: bool = False,
         query_index: slice | None = None,
         kv_out: torch.Tensor | None = None,
+        backend: str | None = None,
     ) -> torch.Tensor:
         """``x`` (B, T, D) -> (B, Tq, D); ``query_index`` picks the Tq positions to compute.
 
-        ``kv_out`` (B, T, 2D), when given, receives this block's keys and values (a KVCache write view).
+        ``kv_out`` (B, T, 2D), when given, receives this block's keys and values (a KVCache write view);
+        ``backend`` names an attention backend (None: the entry point's choice).
         """
         qkv = self.qkv(self.ln1(x))
         if kv_out is not None:
@@ -100,7 +102,7 @@ class Block(nn.Module):
             if causal:  # the explicit mask now carries causality; queries are a subset
                 raise ValueError("query_index needs an explicit mask, not causal=True")
         dropout_p = self.attention_dropout if self.training else 0.0
-        out = attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p)
+        out = attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, backend=backend)
         out = out.transpose(1, 2).reshape(x.shape)
         x = x + self.dropout(self.proj(out))
         return x + self.dropout(self.fc_out(F.gelu(self.fc(self.ln2(x)), approximate="tanh")))
@@ -132,17 +134,19 @@ class GPT(nn.Module):
         causal: bool = False,
         query_index: slice | None = None,
         cache: KVCache | None = None,
+        backend: str | None = None,
     ) -> torch.Tensor:
         """Hidden states (B, Tq, D) after the final LayerNorm.
 
         ``query_index`` selects the output positions (applied in the last block only);
-        ``cache`` receives every block's keys and values for slots ``0 .. T-1``.
+        ``cache`` receives every block's keys and values for slots ``0 .. T-1``; ``backend``
+        names the attention backend (None: the entry point's choice).
         """
         last = self.n_layers - 1
         tokens = x.shape[1]
         for index, block in enumerate(self.blocks):
             kv_out = cache.write_view(index, 0, tokens) if cache is not None else None
-            x = block(x, mask, causal, query_index if index == last else None, kv_out)
+            x = block(x, mask, causal, query_index if index == last else None, kv_out, backend)
         return self.ln_f(x)
 
     def decode_weights(self) -> list[tuple[torch.Tensor, ...]]:
@@ -161,6 +165,7 @@ class GPT(nn.Module):
         mask: torch.Tensor,
         last_mask: torch.Tensor,
         weights: list[tuple[torch.Tensor, ...]] | None = None,
+        backend: str | None = None,
     ) -> torch.Tensor:
         """Append ``x`` (N, G, D) at cache slots ``start .. start+G-1``; the last token's hidden state (N, D).
 
@@ -183,11 +188,11 @@ class GPT(nn.Module):
             cache.write_view(index, start, stop).copy_(kv)
             if index == last:  # only the last token feeds the head
                 q = q[:, -1:].view(batch, 1, heads, head_dim).transpose(1, 2)
-                out = attention(q, cache.keys[index], cache.values[index], mask=last_mask)
+                out = attention(q, cache.keys[index], cache.values[index], mask=last_mask, backend=backend)
                 x = x.view(batch, new, dim)[:, -1]
             else:
                 q = q.view(batch, new, heads, head_dim).transpose(1, 2)
-                out = attention(q, cache.keys[index], cache.values[index], mask=mask)
+                out = attention(q, cache.keys[index], cache.values[index], mask=mask, backend=backend)
             x = x + F.linear(out.transpose(1, 2).reshape(x.shape), proj_w, proj_b)
             h = F.gelu(F.linear(torch.layer_norm(x, (dim,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh")
             x = x + F.linear(h, out_w, out_b)

@@ -14,6 +14,7 @@ tight enough that any change of computation fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -124,6 +125,15 @@ def test_saved_model_takes_its_pinned_actions(name: str) -> None:
     np.testing.assert_allclose(actions, expected, **ACTION_TOLERANCE)
 
 
+def test_a_checkpoint_in_the_layout_before_recipes_loads_and_acts_the_same() -> None:
+    """tests/golden/legacy/dt: the dt fixture as written before statistics were keyed by feature
+    (flat stats.json) and before the policy config held its recipe and inference options."""
+    legacy = HERE / "legacy" / "dt"
+    assert set(json.loads((legacy / "stats.json").read_text())) == {"obs_mean", "obs_std"}
+    expected = np.array(json.loads((HERE / "dt" / "expected_actions.json").read_text())["actions"])
+    np.testing.assert_allclose(play(load_checkpoint(legacy).policy), expected, **ACTION_TOLERANCE)
+
+
 @pytest.mark.parametrize("name", sorted(TRAINING_RUNS))
 def test_training_follows_its_pinned_losses(name: str, tmp_path: Path) -> None:
     expected = json.loads((HERE / "training.json").read_text())[name]
@@ -143,7 +153,8 @@ def write_fixtures() -> None:
         with torch.no_grad():  # spread the weights so a changed computation moves the actions visibly
             for parameter in policy.parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.2)
-        run_config = {"policy": family_config, "seed": 0, "eval": {"target_return": TARGET_RETURN}}
+        resolved = json.loads(json.dumps(dataclasses.asdict(policy.config)))  # every field, as the trainer saves it
+        run_config = {"policy": {"name": policy.name, **resolved}, "seed": 0, "eval": {"target_return": TARGET_RETURN}}
         directory = save_checkpoint(HERE / name, policy, run_config, "golden", 0, None)
         actions = play(load_checkpoint(directory).policy)
         (directory / "expected_actions.json").write_text(json.dumps({"actions": actions.tolist()}, indent=1))

@@ -384,3 +384,28 @@ def test_weights_round_trip_through_a_state_dict() -> None:
     other.load_state_dict(state)
     batch = random_windows()
     torch.testing.assert_close(other.predict_actions(batch), policy.predict_actions(batch))
+
+
+def test_the_attention_backend_is_an_inference_option(monkeypatch) -> None:
+    import kinema.policies.attention as attention_module
+
+    policy = tiny_policy()
+    baseline = rollout_actions(policy)
+    calls = []
+    math_backend = attention_module._BACKENDS["math"]
+    monkeypatch.setitem(attention_module._BACKENDS, "math", lambda *args: calls.append(1) or math_backend(*args))
+    policy.configure_inference(attention_backend="math")
+    torch.testing.assert_close(rollout_actions(policy), baseline, rtol=1e-5, atol=1e-5)
+    assert calls  # the rollout went through the chosen backend
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        policy.configure_inference(attention_backend="nope")
+
+
+def rollout_actions(policy: DecisionTransformer, steps: int = 6) -> torch.Tensor:
+    rng = np.random.default_rng(3)
+    policy.reset(2, target_return=5.0)
+    actions = []
+    for _ in range(steps):
+        actions.append(policy.act(rng.normal(size=(2, OBS_DIM)).astype(np.float32)))
+        policy.observe_reward(np.ones(2))
+    return torch.stack(actions)
