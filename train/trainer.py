@@ -29,6 +29,8 @@ from kinema.datasets import make_sampler
 from kinema.envs import task_spaces
 from kinema.policies import NormStats, Policy, PolicySpec, make_policy
 from kinema.train.checkpoint import (
+    EMA_WEIGHTS,
+    WEIGHTS,
     latest_checkpoint,
     load_trainer_state,
     model_config,
@@ -242,11 +244,12 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     if state is not None:
         from safetensors.torch import load_file
 
-        policy.load_state_dict(load_file(str(resume_from / "model.safetensors")))
+        policy.load_state_dict(load_file(str(resume_from / WEIGHTS)))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            ema.module.load_state_dict(load_file(str(resume_from / EMA_WEIGHTS)))
+            ema.n_averaged.fill_(int(state["ema_updates"]))
         if len(state["samplers"]) != world.world_size:
             raise ValueError(
                 f"checkpoint {resume_from} was written by {len(state['samplers'])} training process(es); "
@@ -293,7 +296,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
             "samplers": sampler_states,
             "torch_rng": torch.get_rng_state(),
             "schedule_horizon": schedule_horizon,
-            **({"ema": ema.state_dict()} if ema is not None else {}),
+            **({"ema_updates": int(ema.n_averaged)} if ema is not None else {}),  # its weights: ema.safetensors
         }
 
     def checkpoint() -> None:

@@ -16,7 +16,7 @@ from kinema.train.trainer import run_training
 
 
 def train_config(data: Path, *overrides: str) -> dict:
-    return compose_train_config([f"dataset.path={data}", "eval.episodes=1", "eval.num_envs=1", *overrides])
+    return compose_train_config([f"dataset.path={data}", "eval.episodes=1", "eval.num_envs=1", "eval.every=0", *overrides])
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -103,3 +103,31 @@ def test_ema_weights_are_saved_beside_the_model_and_evaluated(hopper_random_hdf5
     for use_ema, expected in ((True, ema), (False, model)):
         loaded = load_checkpoint(checkpoint, use_ema=use_ema).policy.state_dict()
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_resumed_training_with_ema_matches_uninterrupted(hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    """The moving average resumes too: its weights from ema.safetensors, its update count from the trainer state."""
+    overrides = ("policy=bc", "policy.recipe.ema=true", "policy.recipe.schedule=cosine",
+                 "policy.recipe.schedule_steps=8", "train.checkpoint_every=4")
+    straight = tmp_path / "straight"
+    run_training(train_config(hopper_random_hdf5, "train.steps=8", *overrides), straight)
+    interrupted = tmp_path / "interrupted"
+    run_training(train_config(hopper_random_hdf5, "train.steps=4", *overrides), interrupted)
+    shutil.rmtree(interrupted / "checkpoint")
+    run_training(train_config(hopper_random_hdf5, "train.steps=8", *overrides), interrupted)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(str(run / "checkpoint" / name)) for run in (straight, interrupted))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_raising_steps_on_resume_keeps_the_cosine_horizon(hopper_random_hdf5: Path, tmp_path: Path, capsys) -> None:
+    from kinema.train.metrics import read_rows
+
+    overrides = ("policy=bc", "policy.recipe.schedule=cosine", "policy.recipe.min_lr_ratio=0.1", "train.log_every=1",
+                 "train.checkpoint_every=4")
+    run_training(train_config(hopper_random_hdf5, "train.steps=4", *overrides), tmp_path)
+    run_training(train_config(hopper_random_hdf5, "train.steps=7", *overrides), tmp_path)
+    assert "keeps its horizon of 4 steps" in capsys.readouterr().out
+    lrs = [row["train/lr"] for row in read_rows(tmp_path / "metrics.jsonl") if "train/lr" in row]
+    assert len(lrs) == 7 and lrs[3:] == pytest.approx([3e-5] * 4)  # 0.1 x 3e-4 from the horizon on
