@@ -105,6 +105,7 @@ def test_loss_names_missing_batch_keys_and_wrong_window_lengths() -> None:
         policy.loss(random_windows(steps=5))
 
 
+@pytest.mark.filterwarnings("ignore:policy.precision=bf16 on a CPU without native bf16")
 def test_bf16_precision_trains_under_autocast_with_nearly_the_same_loss() -> None:
     fp32, bf16 = tiny_policy(), tiny_policy(precision="bf16")
     batch = random_windows(batch=8, seed=2)
