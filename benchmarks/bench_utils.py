@@ -1,8 +1,12 @@
 """What every benchmark shares: machine description, timing statistics, JSON output.
 
-Measurement rules (BENCHMARKS.md): medians over repeated runs, implementations A/B
+Measurement rules (docs/benchmarks.md): medians over repeated runs, implementations A/B
 interleaved in the same process, warm-up excluded, comparisons reported as ratios. The
 machine is shared, so each result records the load average before and after the run.
+
+Results go to the repository's ``benchmarks/results/`` when this package runs from a source
+checkout (scripts, or an editable install); an installed copy has no such folder, so there
+every command needs an explicit output (``--out`` / ``--results-dir``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,22 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
 
-# Hopper-v5 dimensions: what the peer numbers in BENCHMARKS.md were measured with.
+
+def source_checkout() -> Path | None:
+    """The repository root when this package is the ``benchmarks/`` folder of a kinema checkout, else None."""
+    root = BENCH_DIR.parent
+    try:
+        pyproject = (root / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    return root if BENCH_DIR.name == "benchmarks" and 'name = "kinema"' in pyproject else None
+
+
+REPO_ROOT = source_checkout()
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" if REPO_ROOT is not None else None
+
+# Hopper-v5 dimensions: what the peer numbers in docs/benchmarks.md were measured with.
 HOPPER_OBS_DIM, HOPPER_ACT_DIM = 11, 3
 
 
@@ -56,16 +72,24 @@ def load_average() -> list[float]:
         return []
 
 
-def git_commit() -> str | None:
+def git(*args: str) -> str | None:
+    """stdout of a git command in the checkout, or None (no checkout, no git, or git failed)."""
+    if REPO_ROOT is None:
+        return None
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout, with ``-dirty`` when tracked files have uncommitted changes."""
+    head = git("rev-parse", "HEAD")
+    if head is None:
         return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head.strip() + ("-dirty" if dirty and dirty.strip() else "")
 
 
 def machine_info() -> dict[str, Any]:
@@ -76,6 +100,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_version": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX512 or AVX2: what matmuls run with
         "torch_default_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -123,8 +148,26 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def default_output(name: str) -> Path:
-    return RESULTS_DIR / f"{name}.json"
+NOT_A_CHECKOUT = (
+    "kinema.benchmarks is installed outside a source checkout ({where}), so there is no "
+    "repository benchmarks/results/ folder to write to; pass {option}"
+)
+
+
+def results_dir_or_error(parser: argparse.ArgumentParser, given: Path | None, option: str = "--results-dir DIR") -> Path:
+    """``given``, else the checkout's ``benchmarks/results/``; without a checkout, exit through argparse naming ``option``."""
+    if given is not None:
+        return given
+    if RESULTS_DIR is None:
+        parser.error(NOT_A_CHECKOUT.format(where=BENCH_DIR, option=option))
+    return RESULTS_DIR
+
+
+def output_or_error(parser: argparse.ArgumentParser, given: Path | None, name: str) -> Path:
+    """Where benchmark ``name`` writes its JSON: ``--out``, else ``benchmarks/results/<name>.json`` in the checkout."""
+    if given is not None:
+        return given
+    return results_dir_or_error(parser, None, "--out FILE") / f"{name}.json"
 
 
 def summarize_ms(seconds: Iterable[float]) -> dict[str, float]:
@@ -162,6 +205,37 @@ def interleave(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int,
 
 def ratio(numerator: float, denominator: float) -> float:
     return round(numerator / denominator, 3) if denominator else float("nan")
+
+
+def compared_models(exact: str, hf: str, default: str | None, attention_window: int) -> dict[str, dict[str, str]]:
+    """The variants each "HF / kinema" ratio compares, recorded in the JSON beside the ratios.
+
+    ``same_model`` (the headline): kinema's exact full-context DT (``attention_window=0``), the
+    model HF computes, against the HF peer. ``banded_default``: kinema's default DT when it is
+    banded (``default`` is None when the default is the exact model), a different model,
+    reported beside the headline and never in its place.
+    """
+    models = {"same_model": {"kinema": exact, "hf": hf,
+                             "what": "kinema DT with full context, attention_window=0: the model HF computes"}}
+    if default is not None:
+        models["banded_default"] = {
+            "kinema": default, "hf": hf,
+            "what": f"kinema DT's default, banded attention with attention_window={attention_window}: a different model",
+        }
+    return models
+
+
+def hf_over_kinema(models: dict[str, dict[str, str]], cost: Callable[[str], float]) -> dict[str, float]:
+    """HF / kinema per comparison of ``compared_models``; ``cost(variant)`` is a time (larger = slower)."""
+    return {key: ratio(cost(pair["hf"]), cost(pair["kinema"])) for key, pair in models.items()}
+
+
+def print_hf_over_kinema(results: Sequence[dict[str, Any]], key: str, what: str = "") -> None:
+    """One line per thread count: the HF / kinema ratios stored under ``key``, same model first."""
+    for entry in results:
+        if key in entry:
+            ratios = ", ".join(f"{name.replace('_', ' ')} {value}x" for name, value in entry[key].items())
+            print(f"{entry['threads']} thread(s): HF / kinema{what}: {ratios}")
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

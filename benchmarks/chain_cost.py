@@ -17,8 +17,9 @@ steps then costs FLOPs(L) against FLOPs(K) for a window; the ratio, averaged ove
 drawn chains, is what whole chains multiply the training work by (a lower bound: a
 batch of chains of unequal length is padded to its longest).
 
-The hours column turns that work into time at the FLOP rate kinema's DT training step
-reached in ``benchmarks/results/train_speed.json`` (same model, K = 20); long-context
+The hours column turns that work into time at the FLOP rate kinema's full-context DT
+training step reached in ``benchmarks/results/train_speed.json`` (same model, K = 20; the
+default DT's rate in results written before train_speed measured both); long-context
 attention runs at a lower rate than those short matmuls, so it too is a lower bound.
 No training step is timed here.
 """
@@ -35,7 +36,7 @@ import torch
 from numpy.polynomial import polynomial
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_utils import RESULTS_DIR, RunRecord, default_output, print_table, require_positive
+from kinema.benchmarks.bench_utils import RESULTS_DIR, RunRecord, output_or_error, print_table, require_positive
 
 NAME = "chain_cost"
 FIT_LENGTHS = (8, 16, 32)  # context lengths of the three exact counts that fix the quadratic
@@ -83,13 +84,14 @@ def fit_flops(spec: Any, stats: Any, check_len: int) -> tuple[np.ndarray, dict[s
                           "relative_error": abs(predicted - counted) / counted}
 
 
-def train_speed_rates(path: Path) -> list[dict[str, float]]:
-    """kinema DT's training FLOP rate per thread count from train_speed.json ([] when absent)."""
-    if not path.is_file():
+def train_speed_rates(path: Path | None) -> list[dict[str, float]]:
+    """kinema's full-context DT training FLOP rate per thread count from train_speed.json ([] when absent)."""
+    if path is None or not path.is_file():
         return []
     data = json.loads(path.read_text())
-    gflop = data["gflop_per_step"]["kinema_dt"]
-    return [{"threads": entry["threads"], "gflop_per_s": gflop / (entry["step_time"]["kinema_dt"]["median_ms"] / 1000)}
+    variant = data.get("compared_models", {}).get("same_model", {}).get("kinema", "kinema_dt")
+    gflop = data["gflop_per_step"][variant]
+    return [{"threads": entry["threads"], "gflop_per_s": gflop / (entry["step_time"][variant]["median_ms"] / 1000)}
             for entry in data["results"]]
 
 
@@ -104,13 +106,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5000, help="training budget the hours column prices")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-speed", type=Path, default=RESULTS_DIR / "train_speed.json")
+    parser.add_argument("--train-speed", type=Path, default=RESULTS_DIR / "train_speed.json" if RESULTS_DIR else None,
+                        help="train_speed.json whose FLOP rate prices the hours (default: the checkout's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 chains")
-    parser.add_argument("--out", type=Path, default=default_output(NAME))
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/chain_cost.json in a checkout)")
     args = parser.parse_args(argv)
     if args.quick:
         args.chains = 256
     require_positive(parser, args, ("max_chain_len", "context_len", "chains", "batch_size", "steps"))
+    out = output_or_error(parser, args.out, NAME)
     from kinema.envs import task_spaces
     from kinema.policies import NormStats, PolicySpec
     from kinema.train.data import resolve_dataset
@@ -155,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "training_hours": hours,
             "train_speed_source": str(args.train_speed) if hours else None,
         },
-        args.out,
+        out,
     )
 
 

@@ -17,17 +17,20 @@ Hopper-v5 runs with ``terminate_when_unhealthy=False``: every episode lasts exac
   recompute per step); listed when the default is not that model;
 - ``sequential_recompute``: how kzl, CORL and HF evaluate: a loop over episodes, each
   with its own environment, batch-1 ``act`` recomputing the whole window (the exact model);
-  every ratio is over this loop;
+  the table's ``x sequential`` ratios are over this loop;
 - ``sequential_hf_dt``: the same loop with HF's ``DecisionTransformerModel`` (the peer);
 - ``env_only``: the same loop with zero actions and no policy, the simulator's ceiling.
 
-On a 2-core machine whose other core is busy, use ``--threads 1``: with 2 torch threads every
-parallel region waits for the busy core and batched evaluation collapsed from ~800 to ~35
-env-steps/s (measured 2026-11-21 with other jobs running).
+On a 2-core machine whose other core is busy, use ``--threads 1`` (docs/benchmarks.md says
+what 2 threads did there).
 
 Throughput is env-steps per second of wall time, environment creation included; variants
 run interleaved per repeat after a short unrecorded warm-up run each, and the table reports
-medians and ratios to the sequential loop, per torch thread count.
+medians and ratios to the sequential loop, per torch thread count. The headline HF / kinema
+ratio (time per env step) compares the same model: kinema's batched evaluation of the exact
+DT (``kinema_batched_exact``, or ``kinema_batched`` when the default is exact) against HF's
+sequential loop (``sequential_hf_dt``); the banded default's ratio (``kinema_batched``, a
+different model) is reported beside it.
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench_utils import RunRecord, default_output, interleave, parse_threads, print_table, ratio, require_positive
-from hf_peer import build_hf_dt
+from kinema.benchmarks.bench_utils import (
+    RunRecord, compared_models, hf_over_kinema, interleave, output_or_error, parse_threads, print_hf_over_kinema,
+    print_table, ratio, require_positive,
+)
+from kinema.benchmarks.train_speed import hf_dt, hopper_spec, kinema_dt, kinema_dt_variants
 from kinema.envs import TaskSpec, evaluate, get_task, make_env
 from kinema.policies import Policy
-from train_speed import hopper_spec, kinema_dt
 
 NAME = "eval_throughput"
 TARGET_RETURN = 3600.0
@@ -103,11 +108,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--no-hf", action="store_true", help="skip the sequential HF variant (the slowest)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 episodes of 30 steps, 1 repeat")
-    parser.add_argument("--out", type=Path, default=default_output(NAME))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default: benchmarks/results/eval_throughput.json in a checkout)")
     args = parser.parse_args(argv)
     if args.quick:
         args.episodes, args.episode_steps, args.repeats, args.threads = 2, 30, 1, "1"
     require_positive(parser, args, ("episodes", "episode_steps", "repeats"))
+    out = output_or_error(parser, args.out, NAME)
     thread_counts = parse_threads(args.threads)
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()
@@ -116,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warmup_task = fixed_length_hopper(WARMUP_STEPS)
     torch.manual_seed(0)
     spec, stats = hopper_spec()
-    model = kinema_dt(spec, stats).eval()
-    exact = kinema_dt(spec, stats, attention_window=0).eval()
+    kinema_variants, exact_name, banded_name = kinema_dt_variants(spec, stats)
+    model, exact = kinema_variants["kinema_dt"].eval(), kinema_variants[exact_name].eval()
     recompute = kinema_dt(spec, stats, attention_window=0).eval()
     recompute.load_state_dict(exact.state_dict())  # the same model, decoding by full recompute
     recompute.use_kv_cache = False
@@ -125,12 +132,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "kinema_batched": lambda t: run_batched(model, t, args.episodes, args.seed),
         "kinema_sequential": lambda t: run_sequential(model, t, args.episodes, args.seed),
     }
-    if model.config.attention_window:
+    if banded_name is not None:
         runners["kinema_batched_exact"] = lambda t: run_batched(exact, t, args.episodes, args.seed)
     runners["sequential_recompute"] = lambda t: run_sequential(recompute, t, args.episodes, args.seed)
+    models: dict[str, dict[str, str]] = {}
     if not args.no_hf:
-        hf_model = build_hf_dt(spec, stats).eval()
+        hf_model = hf_dt(spec, stats).eval()
         runners["sequential_hf_dt"] = lambda t: run_sequential(hf_model, t, args.episodes, args.seed)
+        models = compared_models("kinema_batched_exact" if banded_name else "kinema_batched", "sequential_hf_dt",
+                                 "kinema_batched" if banded_name else None, model.config.attention_window)
     runners["env_only"] = lambda t: run_sequential(None, t, args.episodes, args.seed)
 
     results = []
@@ -142,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             recorded = interleave({name: (lambda run=run: run(task)) for name, run in runners.items()},
                                   rounds=args.repeats, warmup=0, label=f"{threads} thread(s):")
             entry = summarize_throughput(threads, recorded)
+            if models:
+                entry["hf_over_kinema"] = hf_over_kinema(models, lambda name: 1.0 / entry["throughput"][name]["env_steps_per_s_median"])
             # Same model, same seeds: batched decoding must play the episodes batch-1 decoding plays.
             # Checked on episodes of 3K steps (the context slides): over 1000 steps the chaotic
             # dynamics of a flailing hopper amplify float rounding into different trajectories.
@@ -164,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"evaluation throughput, Hopper-v5, {args.episodes} episodes x {args.episode_steps} steps, "
           f"random-init DT (median of {args.repeats})")
     print_table(["threads", "variant", "env-steps/s", "wall s", "env steps", "x sequential"], rows)
+    print_hf_over_kinema(results, "hf_over_kinema", " (time per env step)")
     for entry in results:
         print(f"{entry['threads']} thread(s): max |return difference| over {CHECK_STEPS}-step episodes, same model and "
               f"seeds: batched vs sequential {entry['max_return_difference_batched_vs_sequential']:.3g}, exact batched "
@@ -174,9 +187,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        "episode_steps": args.episode_steps, "repeats": args.repeats, "seed": args.seed,
                        "target_return": TARGET_RETURN, "num_envs_batched": args.episodes, "quick": args.quick,
                        "default_attention_window": model.config.attention_window},
+            "compared_models": models,
             "results": results,
         },
-        args.out,
+        out,
     )
 
 

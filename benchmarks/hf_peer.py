@@ -1,8 +1,10 @@
 """HuggingFace ``transformers.DecisionTransformerModel`` as a kinema policy, for side-by-side benchmarks.
 
-Importing this module registers the policy under the name ``hf_dt`` (benchmarks only: the
-kinema package never imports it). It wraps HF's model unchanged and adds what HF leaves to
-its users, done the way kzl's and HF's own example scripts do it:
+The policy ``hf_dt`` registers the way a family from outside the repository would: through
+the ``kinema.policies`` entry point ``hf_dt = "kinema.benchmarks.hf_peer"`` in pyproject.toml,
+so no kinema file names it. Importing this module does not import ``transformers``; building
+the model does (``pip install "kinema[test]"`` installs it). It wraps HF's model unchanged
+and adds what HF leaves to its users, done the way kzl's and HF's own example scripts do it:
 
 - the same recipe as kinema's DT: K = 20, 3 layers, 1 head, 128 dims, dropout 0.1,
   timestep embedding of 1000 rows, tanh action head, returns-to-go divided by 1000,
@@ -15,7 +17,7 @@ its users, done the way kzl's and HF's own example scripts do it:
   Rows of a batch advance in lock-step, so they share one padding length.
 
 Build it without Hydra: ``build_hf_dt(spec, stats, **config_overrides)`` or
-``make_policy({"name": "hf_dt", ...}, spec, stats)`` after importing this module.
+``make_policy({"name": "hf_dt", ...}, spec, stats)``.
 """
 
 from __future__ import annotations
@@ -25,14 +27,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import DecisionTransformerConfig, DecisionTransformerModel
-from transformers.utils import logging as hf_logging
 
 from kinema.policies import register_policy
 from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, Recipe, config_from_dict, require_positive_int
 from kinema.policies.dt import DTInference, dt_recipe
 
-hf_logging.set_verbosity_error()  # HF's config chatter (token ids of a vocabulary-free model) is noise here
+
+def import_transformers() -> Any:
+    """HF ``transformers``, imported on first use so that discovering the family stays cheap."""
+    try:
+        import transformers
+        from transformers.utils import logging as hf_logging
+    except ImportError as error:
+        raise ImportError(
+            "the hf_dt policy (HuggingFace DecisionTransformerModel) needs the transformers package: "
+            'pip install "kinema[test]" (or pip install "transformers>=4.40")'
+        ) from error
+    hf_logging.set_verbosity_error()  # HF's config chatter (token ids of a vocabulary-free model) is noise here
+    return transformers
 
 
 @dataclass
@@ -67,8 +79,9 @@ class HFDecisionTransformer(Policy):
     conditioning = ("target_return",)
 
     def __init__(self, config: HFDTConfig, spec: PolicySpec, stats: NormStats):
+        transformers = import_transformers()
         super().__init__(config, spec, stats)
-        hf_config = DecisionTransformerConfig(
+        hf_config = transformers.DecisionTransformerConfig(
             state_dim=spec.obs_dim,
             act_dim=spec.act_dim,
             hidden_size=config.embed_dim,
@@ -84,7 +97,7 @@ class HFDecisionTransformer(Policy):
             bos_token_id=None,
             eos_token_id=None,
         )
-        self.model = DecisionTransformerModel(hf_config)
+        self.model = transformers.DecisionTransformerModel(hf_config)
         self._num_envs = 0
 
     @property

@@ -20,7 +20,9 @@ unrecorded warm-up episode each:
   every step, as HF's and kzl's evaluation loops do.
 
 Reported: p50 and p99 over all calls, and p50 separately for calls made while the context
-fills (step < K) and once it slides (step >= K).
+fills (step < K) and once it slides (step >= K). The headline HF / kinema p50 ratio compares
+the same model, the exact DT (``kinema_dt_exact``, or ``kinema_dt`` when the default is
+exact), with ``hf_dt``; the banded default's ratio (a different model) is reported beside it.
 """
 
 from __future__ import annotations
@@ -33,30 +35,30 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench_utils import RunRecord, default_output, interleave, parse_threads, print_table, ratio, require_positive, summarize_ms
-from hf_peer import build_hf_dt
+from kinema.benchmarks.bench_utils import (
+    RunRecord, compared_models, hf_over_kinema, interleave, output_or_error, parse_threads, print_hf_over_kinema,
+    print_table, ratio, require_positive, summarize_ms,
+)
+from kinema.benchmarks.train_speed import hf_dt, hopper_spec, kinema_dt, kinema_dt_variants
 from kinema.policies import Policy
-from train_speed import hopper_spec, kinema_dt
 
 NAME = "latency"
 CONTEXT_LEN = 20
 TARGET_RETURN = 3600.0
 
 
-def build_variants() -> dict[str, Policy]:
+def build_variants() -> tuple[dict[str, Policy], dict[str, dict[str, str]]]:
+    """(variants by name, the models each HF / kinema ratio compares)."""
     torch.manual_seed(0)
     spec, stats = hopper_spec()
-    variants = {"kinema_dt": kinema_dt(spec, stats)}
-    exact = kinema_dt(spec, stats, attention_window=0)
-    if variants["kinema_dt"].config.attention_window:
-        variants["kinema_dt_exact"] = exact
+    variants, exact, banded = kinema_dt_variants(spec, stats)
     recompute = kinema_dt(spec, stats, attention_window=0)
-    recompute.load_state_dict(exact.state_dict())
+    recompute.load_state_dict(variants[exact].state_dict())
     recompute.use_kv_cache = False
-    variants.update({"kinema_dt_recompute": recompute, "hf_dt": build_hf_dt(spec, stats)})
+    variants.update({"kinema_dt_recompute": recompute, "hf_dt": hf_dt(spec, stats)})
     for policy in variants.values():
         policy.eval()
-    return variants
+    return variants, compared_models(exact, "hf_dt", banded, variants["kinema_dt"].config.attention_window)
 
 
 def make_episode(policy: Policy, observations: np.ndarray, rewards: np.ndarray) -> Callable[[], np.ndarray]:
@@ -81,16 +83,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--episode-steps", type=int, default=200)
     parser.add_argument("--threads", default="2,1", help="comma-separated torch thread counts")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 episode of 25 steps, 1 thread")
-    parser.add_argument("--out", type=Path, default=default_output(NAME))
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/latency.json in a checkout)")
     args = parser.parse_args(argv)
     if args.quick:
         args.episodes, args.episode_steps, args.threads = 1, CONTEXT_LEN + 5, "1"
     require_positive(parser, args, ("episodes", "episode_steps"))
+    out = output_or_error(parser, args.out, NAME)
     thread_counts = parse_threads(args.threads)
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()
 
-    variants = build_variants()
+    variants, models = build_variants()
     rng = np.random.default_rng(0)
     observations = rng.normal(size=(args.episode_steps, 1, variants["hf_dt"].spec.obs_dim)).astype(np.float32)
     rewards = rng.uniform(0.0, 3.0, size=(args.episode_steps, 1))
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results.append({
                 "threads": threads,
                 "act_latency": per_variant,
-                "ratio_hf_over_kinema_p50": ratio(per_variant["hf_dt"]["median_ms"], per_variant["kinema_dt"]["median_ms"]),
+                "hf_over_kinema_p50": hf_over_kinema(models, lambda name: per_variant[name]["median_ms"]),
             })
     finally:
         torch.set_num_threads(original_threads)
@@ -124,15 +127,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          ratio(entry["act_latency"]["hf_dt"]["median_ms"], stat["median_ms"])])
     print(f"act() latency at batch 1, episodes of {args.episode_steps} steps, K={CONTEXT_LEN}, 3x128, 1 head, hopper dims")
     print_table(["threads", "variant", "p50 ms", "p99 ms", "p50 filling", "p50 sliding", "calls", "hf_dt / this"], rows)
+    print_hf_over_kinema(results, "hf_over_kinema_p50", " p50")
     return record.finish(
         {
             "config": {"context_len": CONTEXT_LEN, "episode_steps": args.episode_steps, "episodes": args.episodes,
                        "target_return": TARGET_RETURN, "batch": 1, "quick": args.quick,
                        "default_attention_window": variants["kinema_dt"].config.attention_window},
             "hf_attention_implementation": variants["hf_dt"].attention_implementation,
+            "compared_models": models,
             "results": results,
         },
-        args.out,
+        out,
     )
 
 

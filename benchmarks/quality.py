@@ -1,75 +1,116 @@
 """The quality grid: policies x datasets x seeds, each cell one kinema training run with a fixed budget.
 
-    python benchmarks/quality.py                          # the whole grid (resumable; hours, see below)
+    python benchmarks/quality.py                          # the whole grid (resumable; hours)
     nohup python benchmarks/quality.py > benchmarks/results/quality.log 2>&1 &   # in the background
-    python benchmarks/quality.py --status                 # what is done, running, pending; rebuild quality.json
+    python benchmarks/quality.py --status                 # what is done, stale, running, pending; rebuild quality.json
+    python benchmarks/quality.py --rerun-stale            # also re-run cells whose code changed (or is unknown)
     python benchmarks/quality.py --seed-list 1 &          # a second worker on other seeds (cells are locked)
     python benchmarks/quality.py --quick --dataset-path hopper-small=/tmp/h.hdf5 --results-dir /tmp/q
 
-Grid: policies ``dt``, ``at``, ``bc`` and the HuggingFace peer ``hf_dt`` (benchmarks/hf_peer.py),
-plus on request (``--policies``) ``dt_full``, the paper's full-context DT (``attention_window=0``)
-beside kinema's banded default, and ``at_final``, AT with its loss on the final (best) trial of
-each chain only (the default ``at`` puts it on every trial), x suite datasets hopper-medium, hopper-medium-replay, walker2d-medium-replay,
-halfcheetah-medium (generated on first use by ``kinema.datasets.suite``; ``--datasets``
-overrides, ``--dataset-path NAME=FILE`` points a name at any D4RL/Minari file) x seeds.
+Grid: ``--policies`` names registered policy families (``kinema.policies``: the package's
+modules and every ``kinema.policies`` entry point, e.g. the HuggingFace peer ``hf_dt`` in
+``benchmarks/hf_peer.py``) or grid variants of one (``VARIANTS``: ``dt_full``, the paper's
+full-context DT, ``attention_window=0``, beside kinema's banded default; ``at_final``, AT
+with its loss on the final, best trial of each chain only), x suite datasets (generated on
+first use by ``kinema.datasets.suite``; ``--datasets`` overrides, ``--dataset-path
+NAME=FILE`` points a name at any D4RL/Minari file) x seeds. No family is named anywhere
+else: quality.json records each policy's label (the family's ``label``; a variant's adds
+what differs) and the column order (the default grid's, then other requested policies,
+variants after their family).
 
 Each cell is ``kinema.train.trainer.run_training`` in its own run directory
 ``<results>/quality_runs/<dataset>/<policy>/seed<k>/``, so it writes the usual eval.json,
-checkpoints and learning curve. Resumable at two levels: a cell whose eval.json exists
-is skipped, and a killed cell continues from its last periodic checkpoint (the trainer
-resumes a run directory). A cell being trained holds a lock file, so several workers
-(e.g. one per seed) can share the grid. After every cell the aggregate
-``<results>/quality.json`` is rebuilt from everything on disk: partial results are always
-ready to commit (the run directories' .gitignore keeps only eval.json and trials.json).
+checkpoints and learning curve. Resumable at two levels: a finished cell is skipped, and a
+killed cell continues from its last periodic checkpoint (the trainer resumes a run
+directory). A cell being trained holds a lock file, so several workers (e.g. one per seed)
+can share the grid. After every cell the aggregate ``<results>/quality.json`` is rebuilt
+from everything on disk: partial results are always ready to commit (the run directories'
+.gitignore keeps only eval.json, trials.json, cell.json and dataset.json).
+
+What a number was computed with: each cell's ``cell.json`` records the sha256 of its
+resolved trainer config (canonical JSON: sorted keys, no spaces; the keys in
+``UNHASHED`` change how a cell runs, not what it computes, and are left out), the config
+itself, and the git commit the cell started at. A cell whose recorded hash differs from the
+config the grid would run now is re-run (its old results are removed) instead of silently
+keeping the old number. A cell is *stale* when its commit is older than the last commit
+touching its family's code (the modules of the family, and the kinema modules they import,
+transitively) or the trainer (``train/``): ``--status`` reports it, the aggregate flags it,
+and ``--rerun-stale`` re-runs it. Cells finished before cells recorded a hash are kept and
+reported as "unverified (no config hash)"; ``--rerun-stale`` re-runs them too.
 
 Protocol (recorded in quality.json): the same budget for every policy: ``--steps`` gradient
-steps of batch ``--batch-size``; transformers (dt, at, hf_dt) use the DT recipe (AdamW lr
-1e-4, weight decay 1e-4, grad clip 0.25, linear warm-up over the first 10% of steps, as
-100k steps with 10k warm-up scaled down); BC keeps its recipe (Adam 3e-4, no clip).
+steps of batch ``--batch-size``, each family with its own recipe (``policy.recipe``), a
+warm-up, where the recipe has one, scaled to 10% of the steps (as DT's 10k of 100k).
 Evaluation: ``--eval-episodes`` episodes at the trainer's default target return (the best
-episode return in the training data, ``eval.target_return=dataset_max``), reported from the LAST
-evaluation (the final checkpoint), mean ± std over seeds (ddof=0) of each seed's mean
+episode return in the training data, ``eval.target_return=dataset_max``), reported from the
+LAST evaluation (the final checkpoint), mean ± std over seeds (ddof=0) of each seed's mean
 normalised score. Scores use the dataset's own reference returns (Minari's convention);
-D4RL-reference scores are reported too. dt and at are also played ``--trials`` trials in
-a row per context (``kinema.envs.trials.evaluate_trials``) and reported three ways:
-first trial, last trial, best of n.
-
-Time on this 2-core CPU with 1 thread (defaults: 5000 steps, batch 64, 10 episodes): a
-transformer step takes ~0.24-0.28 s at light load and 0.38-0.43 s with the machine shared
-(benchmarks/results/train_speed.json), so a transformer cell trains in ~20-35 min, a BC
-cell in ~1-2 min, and evaluation (plus 4 trials for dt/at) adds ~1-3 min. The default grid
-(4 x 4 x 3 = 48 cells, 36 of them transformers) takes ~15-22 h of one core; seed 0 alone
-~5-7 h. Two workers on different seeds (``--seed-list``) use both cores.
+D4RL-reference scores are reported too. Families for which several trials per context mean
+something (``multi_trial``) are also played ``--trials`` trials in a row per context
+(``kinema.envs.trials.evaluate_trials``) and reported three ways: first trial, last trial,
+best of n. How long a grid takes: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
+import hashlib
+import inspect
 import json
 import os
 import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bench_utils import RESULTS_DIR, RunRecord, load_average, print_table, require_positive, write_json
-import hf_peer  # noqa: F401  registers the "hf_dt" policy
+from kinema.benchmarks.bench_utils import (
+    REPO_ROOT,
+    RunRecord,
+    git,
+    git_commit,
+    load_average,
+    print_table,
+    require_positive,
+    results_dir_or_error,
+    write_json,
+)
 
 NAME = "quality"
-DEFAULT_POLICIES = ("dt", "at", "bc", "hf_dt")
+DEFAULT_POLICIES = ("dt", "at", "hf_dt", "bc")
 DEFAULT_DATASETS = ("hopper-medium", "hopper-medium-replay", "walker2d-medium-replay", "halfcheetah-medium")
-# Grid variants of a kinema policy: (config group, policy overrides).
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A grid variant of a registered family: its config overrides and what they change (for its label)."""
+
+    family: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    differs: str = ""
+
+
 VARIANTS = {
-    "dt_full": ("dt", {"attention_window": 0}),  # the paper's full-context DT (kinema's default is banded)
-    "at_final": ("at", {"loss_on": "final_trial"}),  # AT's other loss choice (the default is "all")
+    "dt_full": Variant("dt", {"attention_window": 0}, "full context"),  # the paper's DT (kinema's default is banded)
+    "at_final": Variant("at", {"loss_on": "final_trial"}, "loss on the final trial"),  # AT's other loss choice
 }
 WARMUP_FRACTION = 0.1  # a recipe's warm-up, if it has one, is 10% of the budget (DT: 10k of 100k steps)
-EVAL_JSON, TRIALS_JSON, DATASET_JSON, LOCK = "eval.json", "trials.json", "dataset.json", ".lock"
-RUNS_GITIGNORE = "# Only the small result files of each cell are committed.\n*\n!*/\n!.gitignore\n!eval.json\n!trials.json\n!dataset.json\n"
+EVAL_JSON, TRIALS_JSON, CELL_JSON, DATASET_JSON, LOCK = "eval.json", "trials.json", "cell.json", "dataset.json", ".lock"
+RESULT_FILES = (EVAL_JSON, TRIALS_JSON, CELL_JSON, "error.txt")
+RUNS_GITIGNORE = (
+    "# Only the small result files of each cell are committed.\n*\n!*/\n!.gitignore\n"
+    "!eval.json\n!trials.json\n!cell.json\n!dataset.json\n"
+)
+# Keys of a cell's trainer config that decide how it runs, not what it computes: not hashed,
+# so a second worker with other threads or checkpoint spacing shares the grid.
+UNHASHED = ("threads", "train.checkpoint_every", "train.log_every", "train.keep_checkpoints")
+UNVERIFIED = "unverified (no config hash)"
 
 
 class GridError(ValueError):
@@ -101,13 +142,49 @@ def cell_dir(runs_dir: Path, dataset: str, policy: str, seed: int) -> Path:
     return runs_dir / dataset / policy / f"seed{seed}"
 
 
-def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The trainer config of one cell: kinema's Hydra config with the grid's budget applied."""
+def family_of(policy: str) -> str:
+    return VARIANTS[policy].family if policy in VARIANTS else policy
+
+
+def policy_label(policy: str) -> str:
+    """How tables name a grid policy: the family's ``label`` (its name if it has none or is gone), plus a variant's difference."""
+    from kinema.policies import policy_class
+
+    family = family_of(policy)
+    try:
+        label = policy_class(family).label or family
+    except ValueError:  # a family no longer registered: its cells on disk keep their name
+        label = family
+    return f"{label}, {VARIANTS[policy].differs}" if policy in VARIANTS else label
+
+
+def column_order(requested: Sequence[str], on_disk: Sequence[str]) -> list[str]:
+    """Table columns: the default grid's order, then other requested policies in their order; policies found
+    only on disk after their family (variants) or at the end. Stable whichever subset one invocation asks for."""
+    order = list(dict.fromkeys([*DEFAULT_POLICIES, *requested]))
+    for policy in sorted(set(on_disk) - set(order)):
+        family = family_of(policy)
+        group = [index for index, name in enumerate(order) if family_of(name) == family]
+        if group:
+            order.insert(group[-1] + 1, policy)
+        else:
+            order.append(policy)
+    present = set(requested) | set(on_disk)
+    return [policy for policy in order if policy in present]
+
+
+@functools.lru_cache(maxsize=None)
+def _family_config(family: str) -> str:
     from kinema.train.cli import compose_train_config
 
-    family, overrides = VARIANTS.get(policy, (policy, {}))
-    cfg = compose_train_config([f"policy={family}"])  # each family trains with its own recipe
-    cfg["policy"].update(overrides)
+    return json.dumps(compose_train_config([f"policy={family}"]))  # each family trains with its own recipe
+
+
+def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer config of one cell: kinema's Hydra config with the grid's budget applied."""
+    family = family_of(policy)
+    cfg = json.loads(_family_config(family))
+    cfg["policy"].update(copy.deepcopy(VARIANTS[policy].overrides) if policy in VARIANTS else {})
     recipe = cfg["policy"]["recipe"]
     recipe["batch_size"] = args.batch_size
     if recipe["warmup_steps"] > 0:
@@ -116,7 +193,7 @@ def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed:
     train.update({"steps": args.steps, "checkpoint_every": args.checkpoint_every,
                   "log_every": min(int(train["log_every"]), args.checkpoint_every), "keep_checkpoints": 1})
     # One protocol for every policy's headline score: single episodes from the same start states.
-    # Multi-trial scores of dt/at come from a separate run into trials.json (at.yaml's eval.trials is overridden).
+    # Multi-trial scores come from a separate run into trials.json (a family's own eval.trials is overridden).
     cfg["eval"].update({"episodes": args.eval_episodes, "num_envs": min(10, args.eval_episodes), "every": 0, "trials": 1})
     cfg["seed"], cfg["device"], cfg["threads"] = seed, "cpu", args.threads
     if dataset in dataset_paths:
@@ -127,11 +204,110 @@ def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed:
     return cfg
 
 
+def config_hash(cfg: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a cell's config, ``UNHASHED`` keys left out."""
+    hashed = copy.deepcopy(cfg)
+    for dotted in UNHASHED:
+        *parents, key = dotted.split(".")
+        node = hashed
+        for parent in parents:
+            node = node.get(parent) or {}
+        node.pop(key, None)
+    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def plays_trials(policy: str) -> bool:
     """Several trials per context mean something only for a policy that keeps a context per environment."""
     from kinema.policies import policy_class
 
-    return policy_class(VARIANTS.get(policy, (policy, {}))[0]).multi_trial
+    return policy_class(family_of(policy)).multi_trial
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# -- code history: is a cell's commit older than its family's code? -------------------------------
+class CodeHistory:
+    """When each family's code, or the trainer, last changed in git (nothing is known outside a checkout)."""
+
+    def __init__(self) -> None:
+        self._last_change: dict[str, str | None] = {}
+        self._ancestor: dict[tuple[str, str], bool | None] = {}
+
+    @staticmethod
+    def family_files(family: str) -> list[str]:
+        """Checkout-relative files of the family: its classes' modules and the kinema modules they import, transitively."""
+        from kinema.policies import policy_class
+
+        cls = policy_class(family)
+        start = {klass.__module__ for klass in (*cls.__mro__, cls.config_class)}
+        seen: set[str] = set()
+        pending = [name for name in start if name in sys.modules]
+        files = set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            module = sys.modules.get(name)
+            path = Path(getattr(module, "__file__", None) or "/").resolve()
+            if REPO_ROOT is None or not path.is_relative_to(REPO_ROOT):
+                continue
+            files.add(str(path.relative_to(REPO_ROOT)))
+            for value in vars(module).values():
+                imported = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+                if isinstance(imported, str) and imported.startswith("kinema.") and imported not in seen:
+                    pending.append(imported)
+        return sorted(files)
+
+    def last_change(self, family: str) -> str | None:
+        """The last commit touching the family's files or train/ (None: unknown)."""
+        if family not in self._last_change:
+            try:
+                paths = [*self.family_files(family), "train"]
+            except ValueError:  # the family is no longer registered
+                paths = []
+            out = git("log", "-1", "--format=%H", "--", *paths) if paths else None
+            self._last_change[family] = out.strip() or None if out else None
+        return self._last_change[family]
+
+    def _is_ancestor(self, older: str, newer: str) -> bool | None:
+        if (older, newer) not in self._ancestor:
+            known = git("cat-file", "-e", f"{newer}^{{commit}}") is not None
+            self._ancestor[(older, newer)] = (git("merge-base", "--is-ancestor", older, newer) is not None) if known else None
+        return self._ancestor[(older, newer)]
+
+    def stale_reason(self, family: str, commit: str | None) -> str | None:
+        """Why a cell that ran at ``commit`` is stale, or None when it is current (or nothing can be known)."""
+        if not commit or REPO_ROOT is None:
+            return None
+        base = commit.removesuffix("-dirty")
+        last = self.last_change(family)
+        if last is None:
+            return None
+        current = self._is_ancestor(last, base)
+        if current is None:
+            return f"its commit {base[:12]} is not in this repository"
+        if not current:
+            return f"{family}'s code or the trainer changed in {last[:12]}, after the cell's commit {base[:12]}"
+        return None
 
 
 # -- locks: several workers may share one grid ---------------------------------------------------
@@ -177,6 +353,56 @@ def release(run_dir: Path) -> None:
         (run_dir / LOCK).unlink(missing_ok=True)
 
 
+# -- the state of one cell -------------------------------------------------------------------------
+@dataclass
+class CellState:
+    state: str  # what --status prints; finished cells start with "done"
+    flags: list[str] = field(default_factory=list)  # "unverified", "stale", "config_changed"
+
+    @property
+    def finished(self) -> bool:
+        return self.state.startswith("done")
+
+    @property
+    def kind(self) -> str:
+        """One word for counts: done, unverified, stale, running, failed, ..."""
+        return self.flags[0] if self.finished and self.flags else self.state.split(" ")[0]
+
+
+def cell_state(run_dir: Path, policy: str, expected_hash: str | None, needs_trials: bool, history: CodeHistory) -> CellState:
+    """Where a cell stands. ``expected_hash``: the config the grid would run now (None: not compared)."""
+    record = read_json(run_dir / CELL_JSON)
+    evaluated = (run_dir / EVAL_JSON).is_file()
+    worker = lock_owner(run_dir)
+    worker = None if worker == os.getpid() else worker  # another worker's, not this one's claim
+    if evaluated and record is None:
+        return CellState(f"done, {UNVERIFIED}", ["unverified"])
+    if record is not None and expected_hash is not None and record.get("config_sha256") != expected_hash:
+        if worker is not None:
+            return CellState(f"running (pid {worker}) with another config")
+        return CellState("config changed (re-run on the next run)", ["config_changed"])
+    if evaluated and not (needs_trials and not (run_dir / TRIALS_JSON).is_file()):
+        reason = history.stale_reason(family_of(policy), (record or {}).get("git_commit"))
+        if reason:
+            return CellState(f"done, stale ({reason})", ["stale"])
+        return CellState("done")
+    if worker is not None:
+        return CellState(f"running (pid {worker})")
+    if (run_dir / "error.txt").is_file():
+        return CellState("failed (see error.txt); retried on the next run")
+    if (run_dir / "checkpoints").is_dir() or evaluated:
+        return CellState("interrupted (resumes where it stopped)")
+    return CellState("pending")
+
+
+def clear_cell(run_dir: Path) -> None:
+    """Remove a cell's results and checkpoints so it trains from scratch."""
+    for name in RESULT_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in ("checkpoints", "checkpoint"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
 # -- one cell ------------------------------------------------------------------------------------
 def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
     """Once per dataset: its size and average return, the bar a policy should clear."""
@@ -197,7 +423,25 @@ def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
     write_json(out, info)
 
 
-def run_cell(policy: str, dataset: str, seed: int, run_dir: Path, cfg: dict[str, Any], args: argparse.Namespace) -> str:
+def prepare_cell(run_dir: Path, policy: str, cfg: dict[str, Any], digest: str, state: CellState) -> str | None:
+    """Clear a cell that must be re-run and record the config it runs; returns why it was cleared."""
+    record = read_json(run_dir / CELL_JSON)
+    why = None
+    if "config_changed" in state.flags and record is not None:
+        keys = changed_keys(record.get("config") or {}, json.loads(json.dumps(cfg)))
+        why = "config changed" + (f" ({', '.join(keys)})" if keys else "")
+    elif state.finished and state.flags:  # stale or unverified, re-run on request
+        why = state.state.removeprefix("done, ")
+    if why:
+        clear_cell(run_dir)
+        record = None
+    if record is None:  # the commit the cell starts at: a resumed cell keeps its first (oldest) one
+        write_json(run_dir / CELL_JSON, {"policy": policy, "family": family_of(policy), "config_sha256": digest,
+                                         "git_commit": git_commit(), "unhashed": list(UNHASHED), "config": cfg})
+    return why
+
+
+def run_cell(policy: str, run_dir: Path, cfg: dict[str, Any], args: argparse.Namespace) -> str:
     """Train and evaluate one cell (resuming if it was interrupted); returns what was done."""
     from kinema.train.trainer import run_training
 
@@ -259,29 +503,36 @@ def d4rl_score(task: str, return_mean: float) -> float | None:
     return 100.0 * (return_mean - spec.d4rl_ref_min) / (spec.d4rl_ref_max - spec.d4rl_ref_min)
 
 
-def _train_config(run_dir: Path) -> dict[str, Any]:
+def _batch_size(run_dir: Path, record: dict[str, Any] | None, previous: dict[tuple, dict[str, Any]], key: tuple) -> Any:
+    """The cell's batch size: from its cell.json; for older cells from the final checkpoint's config,
+    or, once that is gone (checkpoints are not committed), from the previous quality.json."""
+    if record is not None:
+        return record["config"]["policy"]["recipe"]["batch_size"]
     import yaml
 
-    path = run_dir / "checkpoint" / "config.yaml"
     try:
-        return (yaml.safe_load(path.read_text()) or {}).get("train", {})
+        cfg = yaml.safe_load((run_dir / "checkpoint" / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return {}
+        return previous.get(key, {}).get("batch_size")
+    policy = cfg.get("policy") or {}
+    return (policy.get("recipe") or {}).get("batch_size", (cfg.get("train") or {}).get("batch_size"))
 
 
-def collect_cells(runs_dir: Path) -> list[dict[str, Any]]:
-    """Every finished cell on disk, whatever worker or session produced it."""
+def collect_cells(runs_dir: Path, states: dict[tuple[str, str, int], CellState], previous_json: Path) -> list[dict[str, Any]]:
+    """Every cell on disk with an evaluation, whatever worker or session produced it, with its state's flags."""
+    previous = {(c["dataset"], c["policy"], c["seed"], c.get("steps")): c for c in (read_json(previous_json) or {}).get("cells", [])}
     cells = []
     for evaluation_path in sorted(runs_dir.glob(f"*/*/seed*/{EVAL_JSON}")):
         run_dir = evaluation_path.parent
         evaluation = json.loads(evaluation_path.read_text())
-        train = _train_config(run_dir)
+        record = read_json(run_dir / CELL_JSON)
+        key = (run_dir.parent.parent.name, run_dir.parent.name, int(run_dir.name.removeprefix("seed")))
         cell = {
-            "dataset": run_dir.parent.parent.name,
-            "policy": run_dir.parent.name,
-            "seed": int(run_dir.name.removeprefix("seed")),
+            "dataset": key[0],
+            "policy": key[1],
+            "seed": key[2],
             "steps": evaluation.get("step"),
-            "batch_size": train.get("batch_size"),
+            "batch_size": _batch_size(run_dir, record, previous, (*key, evaluation.get("step"))),
             "episodes": evaluation.get("episodes"),
             "target_return": evaluation.get("target_return"),
             "return_mean": evaluation.get("return_mean"),
@@ -289,6 +540,10 @@ def collect_cells(runs_dir: Path) -> list[dict[str, Any]]:
             "reference_source": evaluation.get("reference_source"),
             "d4rl_score": d4rl_score(evaluation["task"], evaluation["return_mean"]) if evaluation.get("task") else None,
             "wall_s": evaluation.get("quality_cell_wall_s"),
+            "config_sha256": (record or {}).get("config_sha256"),
+            "git_commit": (record or {}).get("git_commit"),
+            "state": states[key].state,
+            "flags": states[key].flags,
         }
         trials_path = run_dir / TRIALS_JSON
         if trials_path.is_file():
@@ -321,6 +576,12 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["score_mean"], row["score_std"] = _mean_std(scores)
         row["d4rl_score_mean"], row["d4rl_score_std"] = _mean_std(d4rl)
         row["return_mean"], _ = _mean_std([c["return_mean"] for c in members])
+        flags: dict[str, list[int]] = {}
+        for cell in members:
+            for flag in cell["flags"]:
+                flags.setdefault(flag, []).append(cell["seed"])
+        if flags:
+            row["flags"] = {flag: sorted(seeds) for flag, seeds in flags.items()}
         with_trials = [c["trials"] for c in members if "trials" in c]
         if with_trials:
             row["trials"] = {"n": with_trials[0]["n"], "seeds": len(with_trials)}
@@ -331,43 +592,72 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def grid_status(runs_dir: Path, policies, datasets, seeds, trials: int) -> list[dict[str, Any]]:
-    status = []
-    for seed in seeds:
-        for dataset in datasets:
-            for policy in policies:
-                run_dir = cell_dir(runs_dir, dataset, policy, seed)
-                if cell_done(run_dir, policy, trials):
-                    state = "done"
-                elif lock_owner(run_dir) is not None:
-                    state = f"running (pid {lock_owner(run_dir)})"
-                elif (run_dir / "error.txt").is_file():
-                    state = "failed (see error.txt); retried on the next run"
-                elif (run_dir / "checkpoints").is_dir():
-                    state = "interrupted (resumes from its checkpoint)"
-                else:
-                    state = "pending"
-                status.append({"dataset": dataset, "policy": policy, "seed": seed, "state": state})
-    return status
+@dataclass
+class Grid:
+    """What one invocation asks for, and how to price a cell's config."""
+
+    runs_dir: Path
+    policies: list[str]
+    datasets: list[str]
+    dataset_paths: dict[str, Path]
+    seeds: list[int]
+    args: argparse.Namespace
+    history: CodeHistory = field(default_factory=CodeHistory)
+
+    def cells(self) -> list[tuple[int, str, str]]:
+        """(seed, dataset, policy), seed-major: a whole seed's grid is ready first."""
+        return [(seed, dataset, policy) for seed in self.seeds for dataset in self.datasets for policy in self.policies]
+
+    def config(self, seed: int, dataset: str, policy: str) -> dict[str, Any]:
+        return cell_config(policy, dataset, self.dataset_paths, seed, self.args)
+
+    def state(self, seed: int, dataset: str, policy: str, digest: str | None = None) -> CellState:
+        run_dir = cell_dir(self.runs_dir, dataset, policy, seed)
+        if digest is None:
+            digest = config_hash(self.config(seed, dataset, policy))
+        return cell_state(run_dir, policy, digest, plays_trials(policy) and self.args.trials > 1, self.history)
+
+    def states(self) -> tuple[list[dict[str, Any]], dict[tuple[str, str, int], CellState]]:
+        """(the requested grid's status rows, the state of every requested or evaluated cell by (dataset, policy, seed))."""
+        states, status = {}, []
+        for seed, dataset, policy in self.cells():
+            state = self.state(seed, dataset, policy)
+            states[(dataset, policy, seed)] = state
+            status.append({"dataset": dataset, "policy": policy, "seed": seed, "state": state.state, "flags": state.flags})
+        for evaluation_path in sorted(self.runs_dir.glob(f"*/*/seed*/{EVAL_JSON}")):
+            run_dir = evaluation_path.parent
+            dataset, policy, seed = run_dir.parent.parent.name, run_dir.parent.name, int(run_dir.name.removeprefix("seed"))
+            if (dataset, policy, seed) not in states:  # outside this grid: its config is not compared
+                needs_trials = (run_dir / TRIALS_JSON).is_file()
+                states[(dataset, policy, seed)] = cell_state(run_dir, policy, None, needs_trials, self.history)
+        return status, states
 
 
-def write_aggregate(record: RunRecord, results_dir: Path, runs_dir: Path, args: argparse.Namespace, status) -> dict[str, Any]:
-    cells = collect_cells(runs_dir)
+def write_aggregate(record: RunRecord, results_dir: Path, grid: Grid) -> dict[str, Any]:
+    status, states = grid.states()
+    cells = collect_cells(grid.runs_dir, states, results_dir / f"{NAME}.json")
     datasets = {}
-    for path in sorted(runs_dir.glob(f"*/{DATASET_JSON}")):
+    for path in sorted(grid.runs_dir.glob(f"*/{DATASET_JSON}")):
         datasets[path.parent.name] = json.loads(path.read_text())
+    order = column_order(grid.policies, [cell["policy"] for cell in cells])
+    args = grid.args
     data = dict(record.data)
     data.update({
         "protocol": {
             "steps": args.steps, "batch_size": args.batch_size, "eval_episodes": args.eval_episodes,
             "trials": args.trials, "threads": args.threads, "quick": args.quick,
             "recipes": "each family's own (policy.recipe), warm-up scaled to " + f"{WARMUP_FRACTION:.0%} of steps",
-            "bc_recipe": "kinema's bc config group (Adam 3e-4, no clip)",
             "target_return": "best episode return in the training data (eval.target_return=dataset_max)",
             "reported": "last evaluation (final checkpoint); mean ± std (ddof=0) over seeds of per-seed mean normalised score",
             "score_reference": "dataset reference returns (Minari convention); d4rl_score uses D4RL's",
-            "trials_protocol": "dt and at: first trial, last trial and best of n trials played in one context (kinema.envs.trials)",
+            "trials_protocol": "multi-trial families: first trial, last trial and best of n trials played in one context (kinema.envs.trials)",
+            "cell_records": "cell.json: sha256 of the resolved trainer config (canonical JSON, without "
+                            f"{', '.join(UNHASHED)}) and the git commit the cell started at",
+            "flags": {"unverified": "finished before cells recorded their config hash and commit",
+                      "stale": "the family's code or the trainer changed after the cell's commit",
+                      "config_changed": "the grid would now run another config (re-run on the next run)"},
         },
+        "policies": [{"policy": policy, "family": family_of(policy), "label": policy_label(policy)} for policy in order],
         "table": aggregate(cells),
         "datasets": datasets,
         "cells": cells,
@@ -380,23 +670,36 @@ def write_aggregate(record: RunRecord, results_dir: Path, runs_dir: Path, args: 
 
 def print_summary(data: dict[str, Any]) -> None:
     rows = []
-    for row in data["table"]:
+    labels = {entry["policy"]: entry["label"] for entry in data["policies"]}
+    columns = list(labels)
+    for row in sorted(data["table"], key=lambda r: (r["dataset"], columns.index(r["policy"]), str(r["steps"]))):
         score = "-" if row["score_mean"] is None else f"{row['score_mean']:.1f} ± {row['score_std']:.1f}"
         trials = row.get("trials")
         trial_text = "-" if not trials else (f"{trials['first_mean']} / {trials['last_mean']} / {trials['best_of_n_mean']}")
-        rows.append([row["dataset"], row["policy"], row["steps"], len(row["seeds"]), score, trial_text])
-    print_table(["dataset", "policy", "steps", "seeds", "score (last eval)", "trials first/last/best"], rows)
+        flags = ", ".join(f"{flag} {seeds}" for flag, seeds in row.get("flags", {}).items()) or "-"
+        rows.append([row["dataset"], labels.get(row["policy"], row["policy"]), row["steps"], len(row["seeds"]), score,
+                     trial_text, flags])
+    print_table(["dataset", "policy", "steps", "seeds", "score (last eval)", "trials first/last/best", "flags (seeds)"], rows)
+    listed = {(c["dataset"], c["policy"], c["seed"]): c["state"] for c in data["cells"]}
+    listed.update({(c["dataset"], c["policy"], c["seed"]): c["state"] for c in data["grid_status"]})
+    by_state: dict[str, list[str]] = {}
+    for (dataset, policy, seed), state in sorted(listed.items()):
+        if state != "done":
+            by_state.setdefault(state, []).append(f"{dataset}/{policy}/seed{seed}")
+    for state, names in sorted(by_state.items()):
+        print(f"{state}: {len(names)} cell(s): {', '.join(names)}")
     counts: dict[str, int] = {}
     for cell in data["grid_status"]:
-        state = cell["state"].split(" ")[0]
-        counts[state] = counts.get(state, 0) + 1
+        kind = CellState(cell["state"], cell.get("flags", [])).kind
+        counts[kind] = counts.get(kind, 0) + 1
     print("grid:", ", ".join(f"{count} {state}" for state, count in sorted(counts.items())))
 
 
 # -- command line ----------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                        help="registered policy families or grid variants (" + ", ".join(VARIANTS) + "), in column order")
     parser.add_argument("--datasets", default=",".join(DEFAULT_DATASETS), help="suite dataset names (or names given by --dataset-path)")
     parser.add_argument("--dataset-path", action="append", default=[], metavar="NAME=FILE",
                         help="train on FILE (D4RL HDF5 or Minari dir) under the grid name NAME; repeatable")
@@ -405,35 +708,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5000, help="gradient steps per cell")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--trials", type=int, default=4, help="trials per context for dt/at (1 = skip)")
+    parser.add_argument("--trials", type=int, default=4, help="trials per context for multi-trial families (1 = skip)")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leave the other core to others)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="where quality.json and quality_runs/ live (default: benchmarks/results/ in a checkout)")
     parser.add_argument("--status", action="store_true", help="only report the grid and rebuild quality.json")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="also re-run finished cells that are stale (code changed since) or unverified (no config hash)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 8, 2 episodes, 2 trials, 1 seed")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.eval_episodes, args.trials, args.seeds, args.checkpoint_every = 4, 8, 2, 2, 1, 2
     require_positive(parser, args, ("steps", "batch_size", "eval_episodes", "trials", "seeds", "checkpoint_every", "threads"))
-    return args
+    return args, results_dir_or_error(parser, args.results_dir)
 
 
-def run_grid(record: RunRecord, results_dir: Path, runs_dir: Path, policies: list[str], datasets: list[str],
-             dataset_paths: dict[str, Path], seeds: list[int], args: argparse.Namespace) -> None:
-    """Every unfinished cell in turn (seed-major: a whole seed's grid is ready first)."""
-    cells = [(seed, dataset, policy) for seed in seeds for dataset in datasets for policy in policies]
+def run_grid(record: RunRecord, results_dir: Path, grid: Grid) -> None:
+    """Every unfinished cell in turn; with --rerun-stale, stale and unverified ones too."""
+    cells = grid.cells()
     for index, (seed, dataset, policy) in enumerate(cells, start=1):
-        run_dir = cell_dir(runs_dir, dataset, policy, seed)
+        run_dir = cell_dir(grid.runs_dir, dataset, policy, seed)
         label = f"[{index}/{len(cells)}] {dataset} / {policy} / seed {seed}"
-        if cell_done(run_dir, policy, args.trials):
+        cfg = grid.config(seed, dataset, policy)
+        digest = config_hash(cfg)
+        state = grid.state(seed, dataset, policy, digest)
+        if state.finished and not (grid.args.rerun_stale and state.flags):
             continue
         if not claim(run_dir):
             print(f"{label}: being trained by pid {lock_owner(run_dir)}, skipped", flush=True)
             continue
         try:
-            print(f"{label}: starting", flush=True)
-            cfg = cell_config(policy, dataset, dataset_paths, seed, args)
-            outcome = run_cell(policy, dataset, seed, run_dir, cfg, args)
+            state = grid.state(seed, dataset, policy, digest)  # another worker may have finished it meanwhile
+            if state.finished and not (grid.args.rerun_stale and state.flags):
+                continue
+            cleared = prepare_cell(run_dir, policy, cfg, digest, state)
+            print(f"{label}: starting" + (f" again: {cleared}" if cleared else ""), flush=True)
+            outcome = run_cell(policy, run_dir, cfg, grid.args)
             (run_dir / "error.txt").unlink(missing_ok=True)
             print(f"{label}: {outcome}", flush=True)
         except Exception as error:  # one broken cell must not stop the grid; it is retried next time
@@ -441,16 +752,11 @@ def run_grid(record: RunRecord, results_dir: Path, runs_dir: Path, policies: lis
             print(f"{label}: FAILED: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         finally:
             release(run_dir)
-        write_aggregate(record, results_dir, runs_dir, args, grid_status(runs_dir, policies, datasets, seeds, args.trials))
-
-
-def cell_done(run_dir: Path, policy: str, trials: int) -> bool:
-    needs_trials = plays_trials(policy) and trials > 1
-    return (run_dir / EVAL_JSON).is_file() and not (needs_trials and not (run_dir / TRIALS_JSON).is_file())
+        write_aggregate(record, results_dir, grid)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    args, results_dir = parse_args(argv)
     policies = csv_list(args.policies, "--policies")
     datasets = csv_list(args.datasets, "--datasets")
     dataset_paths = parse_dataset_paths(args.dataset_path)
@@ -459,16 +765,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seeds = [int(s) for s in csv_list(args.seed_list, "--seed-list")] if args.seed_list else list(range(args.seeds))
     from kinema.policies import available_policies
 
-    unknown = sorted({p for p in policies if VARIANTS.get(p, (p,))[0] not in available_policies()})
+    unknown = sorted({p for p in policies if family_of(p) not in available_policies()})
     if unknown:
         raise GridError(f"--policies: unknown policy {unknown}; available: {available_policies() + sorted(VARIANTS)}")
 
-    results_dir = args.results_dir
     runs_dir = results_dir / "quality_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    if not (runs_dir / ".gitignore").is_file():
-        (runs_dir / ".gitignore").write_text(RUNS_GITIGNORE)
+    gitignore = runs_dir / ".gitignore"
+    if not gitignore.is_file() or gitignore.read_text() != RUNS_GITIGNORE:
+        gitignore.write_text(RUNS_GITIGNORE)
     record = RunRecord(NAME, argv)
+    grid = Grid(runs_dir, policies, datasets, dataset_paths, seeds, args)
 
     if not args.status:
         import torch
@@ -476,11 +783,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         original_threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
         try:
-            run_grid(record, results_dir, runs_dir, policies, datasets, dataset_paths, seeds, args)
+            run_grid(record, results_dir, grid)
         finally:
             torch.set_num_threads(original_threads)
 
-    data = write_aggregate(record, results_dir, runs_dir, args, grid_status(runs_dir, policies, datasets, seeds, args.trials))
+    data = write_aggregate(record, results_dir, grid)
     print_summary(data)
     print(f"wrote {results_dir / (NAME + '.json')}")
     return data

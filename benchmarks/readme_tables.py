@@ -6,7 +6,10 @@
 The README block sits between ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->``;
 everything between them is replaced, nothing else is touched. Without the markers the
 tables are printed and the command exits with status 2. A benchmark whose JSON is missing
-is left out (and named on stderr). Numbers are never typed into the README by hand.
+is left out (and named on stderr). Numbers are never typed into the README by hand, and
+nothing here knows a policy family: quality.json records each policy's label and the
+column order. JSON written before a benchmark recorded something (the same-model HF ratio,
+labels, cell flags) still renders, saying what its numbers compare.
 """
 
 from __future__ import annotations
@@ -17,14 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-BENCH_DIR = Path(__file__).resolve().parent
+from kinema.benchmarks.bench_utils import REPO_ROOT, results_dir_or_error
+
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 SUITE_START, SUITE_END = "<!-- suite:start -->", "<!-- suite:end -->"
-SUITE_MANIFEST = BENCH_DIR.parent / "datasets" / "suite.json"
-POLICY_ORDER = ("dt", "dt_full", "at", "at_final", "hf_dt", "bc")
-POLICY_LABELS = {"dt": "kinema DT", "dt_full": "kinema DT, full context", "at": "kinema AT",
-                 "at_final": "kinema AT, loss on the final trial",
-                 "hf_dt": "HF DT", "bc": "BC"}
+# How a quality cell's flag (quality.json) is marked in the tables; its meaning is recorded in the JSON.
+FLAG_MARKERS = {"unverified": "†", "stale": "‡", "config_changed": "§"}
+DIFFERENT_MODEL = "banded default vs HF (different model)"
 
 
 class MarkersMissing(ValueError):
@@ -48,8 +50,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _provenance(data: dict[str, Any], file: str) -> str:
     machine = data.get("machine", {})
     commit = (machine.get("git_commit") or "unknown")[:12]
+    cpu = machine.get("cpu_model", "?") + (f" ({machine['torch_cpu_capability']})" if machine.get("torch_cpu_capability") else "")
     text = (
-        f"<sub>`{data.get('command', '')}` → `benchmarks/results/{file}`; {machine.get('cpu_model', '?')}, "
+        f"<sub>`{data.get('command', '')}` → `benchmarks/results/{file}`; {cpu}, "
         f"torch {machine.get('torch_version', '?')}, {machine.get('date', '?')}, commit {commit}, "
         f"load average before {data.get('load_average_before')} / after {data.get('load_average_after')}"
     )
@@ -58,29 +61,83 @@ def _provenance(data: dict[str, Any], file: str) -> str:
     return text + ".</sub>"
 
 
+def _threads(entry: dict[str, Any]) -> str:
+    return f"{entry['threads']} thread{'' if entry['threads'] == 1 else 's'}"
+
+
+def hf_ratio_text(data: dict[str, Any], key: str, legacy_key: str | None, measure: str) -> str:
+    """The HF / kinema sentence of a speed benchmark: the same model first, kinema's banded default beside it.
+
+    JSON written before the benchmarks measured the same model holds only ``legacy_key``, the
+    banded default against HF; it is shown as that, never as the headline.
+    """
+    entries = data["results"]
+    models = data.get("compared_models") or {}
+    if models and any(key in entry for entry in entries):
+        parts = []
+        for name, pair in models.items():
+            values = ", ".join(f"{_fmt(entry[key][name])}× ({_threads(entry)})" for entry in entries if name in entry.get(key, {}))
+            if name == "same_model":
+                parts.append(f"**HF / kinema, same model**, {measure}: **{values}** (`{pair['kinema']}` vs `{pair['hf']}`: {pair['what']})")
+            else:
+                parts.append(f"beside it, `{pair['kinema']}` vs `{pair['hf']}` ({pair['what']}): {values}")
+        return "; ".join(parts) + "."
+    if legacy_key and any(legacy_key in entry for entry in entries):
+        values = ", ".join(f"{_fmt(entry[legacy_key])}× ({_threads(entry)})" for entry in entries if legacy_key in entry)
+        return f"HF / kinema, {measure}: {values} — {DIFFERENT_MODEL}; this result predates the same-model comparison."
+    return ""
+
+
 def train_speed_section(data: dict[str, Any]) -> str:
     config = data["config"]
+    models = data.get("compared_models")
     rows = []
-    for entry in data["results"]:
-        times = entry["step_time"]
-        bf16 = times.get("kinema_dt_bf16")
-        rows.append([
-            entry["threads"], _fmt(times["kinema_dt"]["median_ms"], 1), _fmt(times["hf_dt"]["median_ms"], 1),
-            f"**{_fmt(entry['ratio_hf_over_kinema'])}×**",
-            _fmt(bf16["median_ms"], 1) if bf16 else "–", _fmt(entry.get("ratio_fp32_over_bf16")) + "×" if bf16 else "–",
-        ])
-    headers = ["threads", "kinema DT (ms)", "HF DT (ms)", "HF / kinema", "kinema DT bf16 (ms)", "fp32 / bf16"]
+    if models:
+        same = models["same_model"]["kinema"]
+        banded = models.get("banded_default", {}).get("kinema")
+        for entry in data["results"]:
+            times, ratios = entry["step_time"], entry["hf_over_kinema"]
+            bf16 = times.get("kinema_dt_bf16")
+            row = [entry["threads"], _fmt(times[same]["median_ms"], 1), _fmt(times["hf_dt"]["median_ms"], 1),
+                   f"**{_fmt(ratios['same_model'])}×**"]
+            if banded:
+                row += [_fmt(times[banded]["median_ms"], 1), f"{_fmt(ratios['banded_default'])}×"]
+            row += [_fmt(bf16["median_ms"], 1) if bf16 else "–", _fmt(entry.get("ratio_fp32_over_bf16")) + "×" if bf16 else "–"]
+            rows.append(row)
+        headers = ["threads", "kinema DT, full context (ms)", "HF DT (ms)", "HF / kinema, same model"]
+        if banded:
+            headers += ["kinema DT, banded default (ms)", f"HF / kinema — {DIFFERENT_MODEL}"]
+        headers += ["kinema DT default, bf16 (ms)" if banded else "kinema DT bf16 (ms)", "fp32 / bf16"]
+    else:  # results written before train_speed measured the full-context model
+        for entry in data["results"]:
+            times = entry["step_time"]
+            bf16 = times.get("kinema_dt_bf16")
+            rows.append([
+                entry["threads"], _fmt(times["kinema_dt"]["median_ms"], 1), _fmt(times["hf_dt"]["median_ms"], 1),
+                f"{_fmt(entry['ratio_hf_over_kinema'])}×",
+                _fmt(bf16["median_ms"], 1) if bf16 else "–", _fmt(entry.get("ratio_fp32_over_bf16")) + "×" if bf16 else "–",
+            ])
+        headers = ["threads", "kinema DT (ms)", "HF DT (ms)", f"HF / kinema — {DIFFERENT_MODEL}", "kinema DT bf16 (ms)", "fp32 / bf16"]
     intro = (
         f"**Training step** (forward + backward + AdamW), batch {config['batch_size']}, K=20, 3 layers × 128, 1 head, "
         f"Hopper dims, random windows; median of {config['steps']} interleaved steps after {config['warmup']} warm-up. "
         f"bf16: {data.get('bf16') or 'not measured'}."
     )
+    if models:
+        intro += f" {hf_ratio_text(data, 'hf_over_kinema', None, 'median step time')}"
     gflop = data.get("gflop_per_step")
-    if gflop:
+    if gflop and models:
         intro += (
-            f" Work per step (forward + backward, `torch.utils.flop_counter`): kinema {_fmt(gflop['kinema_dt'], 2)} GFLOP, "
-            f"HF {_fmt(gflop['hf_dt'], 2)} GFLOP, a ratio of {_fmt(data['flop_ratio_hf_over_kinema'])}×: the most that "
-            "skipping work buys at equal configuration (kinema computes only the state tokens in the last block)."
+            f" Work per step (forward + backward, `torch.utils.flop_counter`) of the same model: kinema "
+            f"{_fmt(gflop[models['same_model']['kinema']], 2)} GFLOP, HF {_fmt(gflop['hf_dt'], 2)} GFLOP, a ratio of "
+            f"{_fmt(data['flop_ratio_hf_over_kinema']['same_model'])}×: the most that skipping work buys at equal "
+            "configuration (kinema computes only the state tokens in the last block)."
+        )
+    elif gflop:
+        intro += (
+            f" Work per step (forward + backward, `torch.utils.flop_counter`): kinema's banded default "
+            f"{_fmt(gflop['kinema_dt'], 2)} GFLOP, HF {_fmt(gflop['hf_dt'], 2)} GFLOP, a ratio of "
+            f"{_fmt(data['flop_ratio_hf_over_kinema'])}× — {DIFFERENT_MODEL}; kinema computes only the state tokens in the last block."
         )
     return "\n\n".join([intro, _table(headers, rows), _provenance(data, "train_speed.json")])
 
@@ -95,8 +152,9 @@ def latency_section(data: dict[str, Any]) -> str:
     headers = ["threads", "variant", "p50 (ms)", "p99 (ms)", "p50 while the context fills", "p50 once it slides"]
     intro = (
         f"**Per-action latency**, batch 1: `reset` then one timed `act` per step over episodes of "
-        f"{config['episode_steps']} steps (K={config['context_len']}), {config['episodes']} episodes per variant, interleaved."
-    )
+        f"{config['episode_steps']} steps (K={config['context_len']}), {config['episodes']} episodes per variant, interleaved. "
+        + hf_ratio_text(data, "hf_over_kinema_p50", "ratio_hf_over_kinema_p50", "p50")
+    ).rstrip()
     return "\n\n".join([intro, _table(headers, rows), _provenance(data, "latency.json")])
 
 
@@ -110,14 +168,22 @@ def eval_throughput_section(data: dict[str, Any]) -> str:
     headers = ["threads", "variant", "env-steps/s", "vs sequential batch-1"]
     intro = (
         f"**Evaluation throughput**, {config['task']}, {config['episodes']} episodes × {config['episode_steps']} steps, "
-        f"randomly initialised DT; median of {config['repeats']} interleaved repeats."
-    )
+        f"randomly initialised DT; median of {config['repeats']} interleaved repeats. "
+        + hf_ratio_text(data, "hf_over_kinema", None, "time per env step, kinema's batched evaluation vs HF's sequential loop")
+    ).rstrip()
     return "\n\n".join([intro, _table(headers, rows), _provenance(data, "eval_throughput.json")])
+
+
+def _flag_marks(row: dict[str, Any]) -> str:
+    return "".join(FLAG_MARKERS[flag] for flag in FLAG_MARKERS if flag in row.get("flags", {}))
 
 
 def quality_section(data: dict[str, Any]) -> str:
     protocol = data["protocol"]
     table = data["table"]
+    # Labels and column order as quality.json recorded them; results written before it did use the policy names.
+    recorded = [entry["policy"] for entry in data.get("policies", [])]
+    labels = {entry["policy"]: entry["label"] for entry in data.get("policies", [])}
     budgets = sorted({(row["steps"], row["batch_size"]) for row in table}, key=lambda b: tuple(map(str, b)))
     if "recipes" in protocol:
         recipes = f"recipes: {protocol['recipes']}"
@@ -130,7 +196,7 @@ def quality_section(data: dict[str, Any]) -> str:
     ]
     for steps, batch_size in budgets:
         rows_here = [row for row in table if (row["steps"], row["batch_size"]) == (steps, batch_size)]
-        policies = [p for p in POLICY_ORDER if any(r["policy"] == p for r in rows_here)]
+        policies = [p for p in recorded if any(r["policy"] == p for r in rows_here)]
         policies += sorted({r["policy"] for r in rows_here} - set(policies))
         datasets = sorted({r["dataset"] for r in rows_here})
         by_key = {(r["dataset"], r["policy"]): r for r in rows_here}
@@ -143,22 +209,27 @@ def quality_section(data: dict[str, Any]) -> str:
                 if cell is None or cell["score_mean"] is None:
                     row.append("–")
                 else:
-                    row.append(f"{cell['score_mean']:.1f} ± {cell['score_std']:.1f} ({len(cell['seeds'])})")
+                    row.append(f"{cell['score_mean']:.1f} ± {cell['score_std']:.1f} ({len(cell['seeds'])}){_flag_marks(cell)}")
             rows.append(row)
-        headers = ["dataset", "dataset average"] + [POLICY_LABELS.get(p, p) for p in policies]
+        headers = ["dataset", "dataset average"] + [labels.get(p, p) for p in policies]
         parts.append(f"{steps} steps, batch {batch_size} — mean ± std over seeds (number of seeds):")
         parts.append(_table(headers, rows))
         trial_rows = []
         for (dataset, policy), cell in sorted(by_key.items()):
             trials = cell.get("trials")
             if trials:
-                trial_rows.append([dataset, POLICY_LABELS.get(policy, policy), trials["n"],
+                trial_rows.append([dataset, labels.get(policy, policy), trials["n"],
                                    *(f"{_fmt(trials[f'{k}_mean'], 1)} ± {_fmt(trials[f'{k}_std'], 1)}"
-                                     for k in ("first", "last", "best_of_n")), trials["seeds"]])
+                                     for k in ("first", "last", "best_of_n")), f"{trials['seeds']}{_flag_marks(cell)}"])
         if trial_rows:
             parts.append("Several trials in one context (compare like with like; best-of-n is the AT paper's number):")
             parts.append(_table(["dataset", "policy", "trials", "first trial", "last trial", "best of n", "seeds"], trial_rows))
-    pending = [c for c in data.get("grid_status", []) if c["state"] != "done"]
+    flagged = [flag for flag in FLAG_MARKERS if any(flag in row.get("flags", {}) for row in table)]
+    if flagged:
+        meanings = protocol.get("flags", {})
+        parts.append(" ".join(f"{FLAG_MARKERS[flag]} some seeds {meanings.get(flag, flag)} ({flag.replace('_', ' ')})."
+                              for flag in flagged) + " `python benchmarks/quality.py --status` lists the cells.")
+    pending = [c for c in data.get("grid_status", []) if not c["state"].startswith("done")]
     if pending:
         parts.append(f"Grid in progress: {len(pending)} of {len(data['grid_status'])} cells not finished yet.")
     parts.append(_provenance(data, "quality.json"))
@@ -221,6 +292,15 @@ def replace_block(readme_text: str, block: str, readme: Path, start_marker: str 
     return readme_text[: start + len(start_marker)] + "\n" + block + "\n" + readme_text[end:]
 
 
+def suite_manifest() -> Path:
+    """datasets/suite.json: the checkout's, else the installed package's copy (package data)."""
+    if REPO_ROOT is not None:
+        return REPO_ROOT / "datasets" / "suite.json"
+    from importlib.resources import files
+
+    return Path(str(files("kinema.datasets") / "suite.json"))
+
+
 def suite_section(manifest: dict[str, Any]) -> str:
     """The dataset suite as regenerated (datasets/suite.json): size and returns of the data itself."""
     rows = []
@@ -240,11 +320,15 @@ def suite_section(manifest: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
-    parser.add_argument("--readme", type=Path, default=BENCH_DIR.parent / "README.md")
+    parser.add_argument("--results-dir", type=Path, default=None, help="benchmark JSON files (default: benchmarks/results/ in a checkout)")
+    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md" if REPO_ROOT else None,
+                        help="README to rewrite (default: the checkout's)")
     parser.add_argument("--print", dest="print_only", action="store_true", help="print the tables, leave the README alone")
     args = parser.parse_args(argv)
-    block, missing = render(args.results_dir)
+    results_dir = results_dir_or_error(parser, args.results_dir)
+    if args.readme is None and not args.print_only:
+        parser.error("kinema.benchmarks is installed outside a source checkout: pass --readme FILE or --print")
+    block, missing = render(results_dir)
     if missing:
         print(f"no results yet for: {', '.join(missing)} (run python benchmarks/<name>.py)", file=sys.stderr)
     if args.print_only:
@@ -254,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = args.readme.read_text()
         updated = replace_block(text, block, args.readme)
         if SUITE_START in updated and SUITE_END in updated:
-            suite = suite_section(json.loads(SUITE_MANIFEST.read_text()))
+            suite = suite_section(json.loads(suite_manifest().read_text()))
             updated = replace_block(updated, suite, args.readme, SUITE_START, SUITE_END)
         else:
             print(f"{args.readme} has no {SUITE_START} block: dataset suite table not written", file=sys.stderr)

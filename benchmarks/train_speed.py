@@ -8,11 +8,16 @@ One step = zero_grad + policy.loss (forward) + backward + grad-norm clip 0.25 + 
 dropout 0.1, batch 64, Hopper dims (obs 11, act 3). Data are random windows built once
 (loading excluded) with some left padding, as the window sampler produces. Variants run
 interleaved (A B C A B C ...), warm-up rounds excluded; the table reports medians and the
-HF/kinema ratio. Each variant's floating-point operations per step (forward + backward,
-counted by ``torch.utils.flop_counter``) are reported beside the times: the HF/kinema FLOP
-ratio is what skipping work can buy at equal configuration; beyond it only faster kernels
-help. The bf16 variant is kinema's DT under ``torch.autocast("cpu", bfloat16)``:
-DTConfig's own switch when it has one, otherwise applied around ``loss`` by this harness.
+HF/kinema ratios. The headline ratio compares the same model: ``kinema_dt_exact``, kinema's
+DT with full context (``attention_window=0``), against ``hf_dt``. kinema's default DT
+(``kinema_dt``) uses banded attention, a different model; its ratio is reported beside the
+headline (when the default is the full-context model, ``kinema_dt`` is the headline).
+Each variant's floating-point operations per step (forward + backward, counted by
+``torch.utils.flop_counter``) are reported beside the times: the HF/kinema FLOP ratio of
+the same model is what skipping work can buy at equal configuration; beyond it only faster
+kernels help. The bf16 variant is kinema's default DT under ``torch.autocast("cpu",
+bfloat16)``: DTConfig's own switch when it has one, otherwise applied around ``loss`` by
+this harness.
 """
 
 from __future__ import annotations
@@ -28,19 +33,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_utils import (
-    HOPPER_ACT_DIM,
-    HOPPER_OBS_DIM,
-    RunRecord,
-    default_output,
-    interleave,
-    parse_threads,
-    print_table,
-    ratio,
-    require_positive,
-    summarize_ms,
+from kinema.benchmarks.bench_utils import (
+    HOPPER_ACT_DIM, HOPPER_OBS_DIM, RunRecord, compared_models, hf_over_kinema, interleave, output_or_error,
+    parse_threads, print_hf_over_kinema, print_table, ratio, require_positive, summarize_ms,
 )
-from hf_peer import build_hf_dt
 from kinema.policies import NormStats, Policy, PolicySpec, make_policy
 
 NAME = "train_speed"
@@ -75,9 +71,24 @@ def random_windows(batch_size: int, context_len: int, generator: torch.Generator
 
 
 def kinema_dt(spec: PolicySpec, stats: NormStats, **overrides: Any) -> Policy:
-    import kinema.policies.dt  # noqa: F401  registers "dt" even before the registry lists it
-
     return make_policy({"name": "dt", **overrides}, spec, stats)
+
+
+def hf_dt(spec: PolicySpec, stats: NormStats) -> Policy:
+    """The HF peer, found through the policy registry like any family (its entry point in pyproject.toml)."""
+    return make_policy({"name": "hf_dt"}, spec, stats)
+
+
+def kinema_dt_variants(spec: PolicySpec, stats: NormStats) -> tuple[dict[str, Policy], str, str | None]:
+    """kinema's default DT, plus the exact full-context DT when the default is not that model.
+
+    Returns (variants, name of the exact model, name of the banded default or None).
+    """
+    variants = {"kinema_dt": kinema_dt(spec, stats)}
+    if not variants["kinema_dt"].config.attention_window:
+        return variants, "kinema_dt", None
+    variants["kinema_dt_exact"] = kinema_dt(spec, stats, attention_window=0)
+    return variants, "kinema_dt_exact", "kinema_dt"
 
 
 def bf16_variant(spec: PolicySpec, stats: NormStats) -> tuple[Policy, bool, str]:
@@ -134,11 +145,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", default="2,1", help="comma-separated torch thread counts")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 warm-up, batch 8, 1 thread")
-    parser.add_argument("--out", type=Path, default=default_output(NAME))
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/train_speed.json in a checkout)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.batch_size, args.threads = 2, 1, 8, "1"
     require_positive(parser, args, ("steps", "batch_size"))
+    out = output_or_error(parser, args.out, NAME)
     thread_counts = parse_threads(args.threads)
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()
@@ -147,7 +159,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     spec, stats = hopper_spec()
     generator = torch.Generator().manual_seed(0)
     batches = [random_windows(args.batch_size, 20, generator) for _ in range(8)]
-    policies: dict[str, tuple[Policy, bool]] = {"kinema_dt": (kinema_dt(spec, stats), False), "hf_dt": (build_hf_dt(spec, stats), False)}
+    kinema_variants, exact, banded = kinema_dt_variants(spec, stats)
+    policies: dict[str, tuple[Policy, bool]] = {name: (policy, False) for name, policy in kinema_variants.items()}
+    policies["hf_dt"] = (hf_dt(spec, stats), False)
+    models = compared_models(exact, "hf_dt", banded, kinema_variants["kinema_dt"].config.attention_window)
     bf16_how = None
     if not args.no_bf16:
         bf16_policy, wrap, bf16_how = bf16_variant(spec, stats)
@@ -163,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             timings = interleave(steps, rounds=args.steps, warmup=args.warmup, label=f"{threads} thread(s):")
             summary = {name: summarize_ms(values) for name, values in timings.items()}
             entry: dict[str, Any] = {"threads": threads, "step_time": summary,
-                                     "ratio_hf_over_kinema": ratio(summary["hf_dt"]["median_ms"], summary["kinema_dt"]["median_ms"])}
+                                     "hf_over_kinema": hf_over_kinema(models, lambda name: summary[name]["median_ms"])}
             if "kinema_dt_bf16" in summary:
                 entry["ratio_fp32_over_bf16"] = ratio(summary["kinema_dt"]["median_ms"], summary["kinema_dt_bf16"]["median_ms"])
             per_threads.append(entry)
@@ -177,21 +192,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          ratio(stat["median_ms"], entry["step_time"]["kinema_dt"]["median_ms"])])
     print(f"training step, batch {args.batch_size}, K=20, 3x128, 1 head, hopper dims (median over interleaved steps)")
     print_table(["threads", "variant", "median ms", "p99 ms", "steps", "x kinema_dt"], rows)
+    print_hf_over_kinema(per_threads, "hf_over_kinema")
     return record.finish(
         {
             "config": {
                 "batch_size": args.batch_size, "context_len": 20, "n_layers": 3, "n_heads": 1, "embed_dim": 128,
                 "dropout": 0.1, "obs_dim": HOPPER_OBS_DIM, "act_dim": HOPPER_ACT_DIM, "optimizer": "AdamW lr 1e-4 wd 1e-4",
                 "grad_clip": 0.25, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
+                "default_attention_window": kinema_variants["kinema_dt"].config.attention_window,
             },
             "parameters": {name: sum(p.numel() for p in policy.parameters()) for name, (policy, _) in policies.items()},
             "hf_attention_implementation": hf_policy.attention_implementation,
             "gflop_per_step": {name: round(count / 1e9, 3) for name, count in flops.items()},
-            "flop_ratio_hf_over_kinema": ratio(flops["hf_dt"], flops["kinema_dt"]),
+            "compared_models": models,
+            "flop_ratio_hf_over_kinema": hf_over_kinema(models, flops.__getitem__),
             "bf16": bf16_how,
             "results": per_threads,
         },
-        args.out,
+        out,
     )
 
 

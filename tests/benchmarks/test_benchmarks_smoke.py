@@ -5,8 +5,8 @@ No timings are asserted: benchmarks measure, tests check that they run and say w
 
 from __future__ import annotations
 
-import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))  # benchmarks/ is a folder of scripts, not a package
+from kinema.benchmarks import bench_utils, chain_cost, eval_throughput, latency, quality, readme_tables, train_speed
 
+REPO = Path(__file__).resolve().parents[2]
 MACHINE_KEYS = {"cpu_model", "torch_version", "torch_default_threads", "date", "git_commit"}
-
-
-def bench(name: str):
-    return importlib.import_module(name)
 
 
 def check_record(data: dict, name: str) -> None:
@@ -36,13 +31,13 @@ def check_record(data: dict, name: str) -> None:
 def results(tmp_path_factory) -> Path:
     """Every benchmark at its --quick size, into one results folder."""
     out = tmp_path_factory.mktemp("results")
-    bench("train_speed").main(["--quick", "--out", str(out / "train_speed.json")])
-    bench("latency").main(["--quick", "--out", str(out / "latency.json")])
-    bench("eval_throughput").main(["--quick", "--out", str(out / "eval_throughput.json")])
+    train_speed.main(["--quick", "--out", str(out / "train_speed.json")])
+    latency.main(["--quick", "--out", str(out / "latency.json")])
+    eval_throughput.main(["--quick", "--out", str(out / "eval_throughput.json")])
     tiny = tiny_hopper_dataset(out)
-    bench("quality").main(["--quick", "--policies", "dt,at,bc,hf_dt", "--dataset-path", f"tiny={tiny}", "--results-dir", str(out)])
-    bench("chain_cost").main(["--quick", "--dataset-path", str(tiny), "--train-speed", str(out / "train_speed.json"),
-                              "--out", str(out / "chain_cost.json")])
+    quality.main(["--quick", "--policies", "dt,at,hf_dt,bc", "--dataset-path", f"tiny={tiny}", "--results-dir", str(out)])
+    chain_cost.main(["--quick", "--dataset-path", str(tiny), "--train-speed", str(out / "train_speed.json"),
+                     "--out", str(out / "chain_cost.json")])
     return out
 
 
@@ -86,25 +81,41 @@ def test_chain_cost_json(results: Path) -> None:
 
 def test_chain_cost_names_a_bad_argument(capsys) -> None:
     with pytest.raises(SystemExit):
-        bench("chain_cost").main(["--chains", "0"])
+        chain_cost.main(["--chains", "0"])
     assert "--chains must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def check_same_model_headline(data: dict, exact: str, banded: str, hf: str) -> dict:
+    """The headline HF / kinema ratio is the exact full-context DT's; a banded default stands beside it."""
+    models = data["compared_models"]
+    default_is_banded = data["config"]["default_attention_window"] > 0
+    assert models["same_model"]["kinema"] == (exact if default_is_banded else banded)
+    assert models["same_model"]["hf"] == hf and "attention_window=0" in models["same_model"]["what"]
+    if default_is_banded:
+        assert models["banded_default"]["kinema"] == banded and "different model" in models["banded_default"]["what"]
+    return models
 
 
 def test_train_speed_json(results: Path) -> None:
     data = load(results, "train_speed")
+    models = check_same_model_headline(data, "kinema_dt_exact", "kinema_dt", "hf_dt")
     (entry,) = data["results"]
-    assert set(entry["step_time"]) == {"kinema_dt", "hf_dt", "kinema_dt_bf16"}
+    assert set(entry["step_time"]) == {"kinema_dt", "hf_dt", "kinema_dt_bf16", models["same_model"]["kinema"]}
     assert all(stat["median_ms"] > 0 and stat["count"] == 2 for stat in entry["step_time"].values())
-    assert entry["ratio_hf_over_kinema"] > 0 and data["bf16"]
-    # kinema skips the last block's return and action tokens, so it does less work than HF per step.
-    assert 0 < data["gflop_per_step"]["kinema_dt"] < data["gflop_per_step"]["hf_dt"]
-    assert data["flop_ratio_hf_over_kinema"] > 1
+    assert set(entry["hf_over_kinema"]) == set(models) and all(value > 0 for value in entry["hf_over_kinema"].values())
+    assert data["bf16"]
+    # kinema skips the last block's return and action tokens, so it does less work than HF per step, same model.
+    gflop = data["gflop_per_step"]
+    assert 0 < gflop[models["same_model"]["kinema"]] < gflop["hf_dt"]
+    assert data["flop_ratio_hf_over_kinema"]["same_model"] > 1
 
 
 def test_latency_json(results: Path) -> None:
     data = load(results, "latency")
+    models = check_same_model_headline(data, "kinema_dt_exact", "kinema_dt", "hf_dt")
     (entry,) = data["results"]
-    assert {"kinema_dt", "kinema_dt_recompute", "hf_dt"} <= set(entry["act_latency"])
+    assert {"kinema_dt", "kinema_dt_recompute", "hf_dt", models["same_model"]["kinema"]} <= set(entry["act_latency"])
+    assert set(entry["hf_over_kinema_p50"]) == set(models)
     steps = data["config"]["episode_steps"]
     for stat in entry["act_latency"].values():
         assert stat["count"] == steps and stat["p99_ms"] >= stat["median_ms"] > 0
@@ -113,10 +124,12 @@ def test_latency_json(results: Path) -> None:
 
 def test_eval_throughput_json(results: Path) -> None:
     data = load(results, "eval_throughput")
+    models = check_same_model_headline(data, "kinema_batched_exact", "kinema_batched", "sequential_hf_dt")
     (entry,) = data["results"]
     expected_steps = data["config"]["episodes"] * data["config"]["episode_steps"]
     assert {"kinema_batched", "kinema_sequential", "sequential_recompute", "sequential_hf_dt", "env_only"} <= set(
         entry["throughput"])
+    assert set(entry["hf_over_kinema"]) == set(models)
     assert all(stat["env_steps"] == expected_steps for stat in entry["throughput"].values())
     assert entry["throughput"]["sequential_recompute"]["ratio_over_sequential"] == 1.0
     # Same model, same seeds: batched decoding plays the same episodes as batch-1 decoding,
@@ -125,57 +138,197 @@ def test_eval_throughput_json(results: Path) -> None:
     assert entry["max_return_difference_exact_batched_vs_sequential_recompute"] < 1e-2
 
 
+# -- the quality grid ----------------------------------------------------------------------------
+def rerun_quality(results: Path, policies: str, *extra: str) -> dict:
+    return quality.main(["--quick", "--policies", policies, "--datasets", "tiny", "--dataset-path",
+                         f"tiny={results / 'tiny-hopper.hdf5'}", "--results-dir", str(results), *extra])
+
+
 def test_quality_grid_json_and_resume(results: Path) -> None:
     data = load(results, "quality")
     assert {(row["dataset"], row["policy"]) for row in data["table"]} == {("tiny", p) for p in ("dt", "at", "bc", "hf_dt")}
+    assert [entry["policy"] for entry in data["policies"]] == ["dt", "at", "hf_dt", "bc"]  # as requested
+    assert {entry["policy"]: entry["label"] for entry in data["policies"]}["hf_dt"] == "HF DT"  # the family's own label
     for row in data["table"]:
-        assert row["steps"] == 4 and row["seeds"] == [0] and row["score_mean"] is not None
+        assert row["steps"] == 4 and row["seeds"] == [0] and row["score_mean"] is not None and "flags" not in row
         assert ("trials" in row) == (row["policy"] in ("dt", "at"))
     for row in data["table"]:
         if "trials" in row:
             assert {"first_mean", "last_mean", "best_of_n_mean"} <= set(row["trials"])
     assert all(cell["state"] == "done" for cell in data["grid_status"])
     assert data["datasets"]["tiny"]["episodes"] == 8
+    for cell in data["cells"]:
+        record = json.loads((results / "quality_runs" / "tiny" / cell["policy"] / "seed0" / "cell.json").read_text())
+        assert len(record["config_sha256"]) == 64 and record["config_sha256"] == cell["config_sha256"]
+        assert record["config_sha256"] == quality.config_hash(record["config"]) and record["git_commit"]
 
     # A second run skips finished cells and redoes only the one whose result is gone.
     runs = results / "quality_runs" / "tiny"
     kept = (runs / "bc" / "seed0" / "eval.json").read_text()
     (runs / "dt" / "seed0" / "eval.json").unlink()
     (runs / "dt" / "seed0" / "trials.json").unlink()
-    again = bench("quality").main(["--quick", "--policies", "dt,bc", "--datasets", "tiny", "--dataset-path",
-                                   f"tiny={results / 'tiny-hopper.hdf5'}", "--results-dir", str(results)])
+    again = rerun_quality(results, "dt,bc")
     assert (runs / "bc" / "seed0" / "eval.json").read_text() == kept
     assert (runs / "dt" / "seed0" / "eval.json").is_file() and (runs / "dt" / "seed0" / "trials.json").is_file()
     assert len(again["table"]) == 4  # the aggregate still holds every cell on disk
 
 
+def test_quality_reruns_a_cell_whose_config_changed(results: Path, capsys) -> None:
+    cell = results / "quality_runs" / "tiny" / "bc" / "seed0"
+    record = json.loads((cell / "cell.json").read_text())
+    old = dict(record, config_sha256="0" * 64)
+    old["config"] = json.loads(json.dumps(record["config"]))
+    old["config"]["policy"]["recipe"]["lr"] = 0.5  # what an older grid ran
+    (cell / "cell.json").write_text(json.dumps(old))
+    (cell / "eval.json").write_text(json.dumps(dict(json.loads((cell / "eval.json").read_text()), marker="old")))
+
+    status = rerun_quality(results, "bc", "--status")
+    assert {c["policy"]: c["state"] for c in status["grid_status"]}["bc"].startswith("config changed")
+    assert "marker" in json.loads((cell / "eval.json").read_text())  # --status changes nothing
+
+    rerun_quality(results, "bc")
+    assert "config changed (policy.recipe.lr)" in capsys.readouterr().out
+    assert "marker" not in json.loads((cell / "eval.json").read_text())  # the old number is gone
+    assert json.loads((cell / "cell.json").read_text())["config_sha256"] == record["config_sha256"]
+
+
+def test_quality_reports_unverified_and_stale_cells(results: Path, capsys) -> None:
+    runs = results / "quality_runs" / "tiny"
+    (runs / "hf_dt" / "seed0" / "cell.json").unlink()  # as cells finished before cells recorded a hash
+    at_record = runs / "at" / "seed0" / "cell.json"
+    fresh = json.loads(at_record.read_text())
+    root = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.split()[-1]
+    at_record.write_text(json.dumps(dict(fresh, git_commit=root)))  # at's code and the trainer changed since
+
+    data = rerun_quality(results, "dt,at,hf_dt,bc", "--status")
+    out = capsys.readouterr().out
+    states = {c["policy"]: c["state"] for c in data["grid_status"]}
+    assert states["hf_dt"] == "done, unverified (no config hash)" and "unverified (no config hash): 1 cell(s)" in out
+    assert states["at"].startswith("done, stale (at's code or the trainer changed in ") and "stale" in out
+    assert (runs / "hf_dt" / "seed0" / "eval.json").is_file()  # kept, not deleted
+    rows = {row["policy"]: row for row in data["table"]}
+    assert rows["hf_dt"]["flags"] == {"unverified": [0]} and rows["at"]["flags"] == {"stale": [0]}
+    block, _ = readme_tables.render(results)
+    assert "(1)†" in block and "(1)‡" in block and "unverified" in block
+
+    rerun_quality(results, "at", "--rerun-stale")  # re-runs the stale cell; the unverified one is outside this grid
+    assert json.loads(at_record.read_text())["git_commit"] != root
+    assert (runs / "hf_dt" / "seed0" / "eval.json").is_file() and not (runs / "hf_dt" / "seed0" / "cell.json").exists()
+
+
+@pytest.fixture()
+def unseen_family():
+    """A policy family registered in this process only: no file of the repository knows its name."""
+    from kinema.policies import _REGISTRY, register_policy
+    from kinema.policies.bc import BCPolicy
+
+    class UnseenFamily(BCPolicy):
+        name = "unseen_family_for_benchmarks"
+        label = "Unseen family"
+
+    register_policy(UnseenFamily)
+    yield UnseenFamily.name
+    _REGISTRY.pop(UnseenFamily.name, None)
+
+
+def test_a_new_family_gets_its_column_without_any_list(results: Path, tmp_path: Path, unseen_family: str) -> None:
+    data = quality.main(["--quick", "--policies", f"bc,{unseen_family}", "--dataset-path",
+                         f"tiny={results / 'tiny-hopper.hdf5'}", "--results-dir", str(tmp_path)])
+    assert data["policies"][-1] == {"policy": unseen_family, "family": unseen_family, "label": "Unseen family"}
+    block, _ = readme_tables.render(tmp_path)
+    assert "| dataset | dataset average | BC | Unseen family |" in block
+
+
+def test_column_order_is_stable_with_variants_after_their_family() -> None:
+    assert quality.column_order(["dt", "at", "hf_dt", "bc"], ["bc", "at_final", "dt_full", "other"]) == [
+        "dt", "dt_full", "at", "at_final", "hf_dt", "bc", "other"]
+    # Whatever subset one invocation asks for, the default grid's order comes first.
+    assert quality.column_order(["new", "bc", "at"], ["dt", "at", "bc", "new"]) == ["dt", "at", "bc", "new"]
+
+
+def test_outside_a_checkout_results_need_an_explicit_place(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench_utils, "RESULTS_DIR", None)
+    for main, option in ((train_speed.main, "--out FILE"), (quality.main, "--results-dir DIR")):
+        with pytest.raises(SystemExit):
+            main(["--quick"])
+        err = capsys.readouterr().err
+        assert "outside a source checkout" in err and option in err
+
+
+# -- the README tables ---------------------------------------------------------------------------
 def test_readme_tables_rewrites_only_the_marked_block(results: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\nbefore\n<!-- benchmarks:start -->\nold table\n<!-- benchmarks:end -->\nafter\n")
-    command = [sys.executable, str(BENCH_DIR / "readme_tables.py"), "--results-dir", str(results), "--readme", str(readme)]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
+    # Run as a script from the repository root, as the README says.
+    command = [sys.executable, "benchmarks/readme_tables.py", "--results-dir", str(results), "--readme", str(readme)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=60, cwd=REPO)
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n<!-- benchmarks:start -->\n") and text.endswith("<!-- benchmarks:end -->\nafter\n")
     assert "old table" not in text
-    for heading in ("| threads | kinema DT (ms) | HF DT (ms) |", "| threads | variant | p50 (ms) |",
+    for heading in ("| threads | kinema DT, full context (ms) | HF DT (ms) | HF / kinema, same model |",
+                    "| threads | variant | p50 (ms) |",
                     "| threads | variant | env-steps/s |", "| dataset | dataset average | kinema DT | kinema AT | HF DT | BC |",
                     "| dataset | policy | trials | first trial | last trial | best of n |",
                     "| AT sample | steps | GFLOP (fwd + bwd) | × window |"):
         assert heading in text
-    assert "quick smoke run" in text
+    assert "quick smoke run" in text and text.count("**HF / kinema, same model**") == 3
 
     no_markers = tmp_path / "PLAIN.md"
     no_markers.write_text("# nothing to replace\n")
-    proc = subprocess.run([*command[:-1], str(no_markers)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*command[:-1], str(no_markers)], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and "benchmarks:start" in proc.stderr and "| threads |" in proc.stdout
     assert no_markers.read_text() == "# nothing to replace\n"
 
 
-# -- the HF peer is a correct kinema policy -------------------------------------------------------
+def test_readme_tables_runs_as_a_module_and_imports_no_policy(results: Path, tmp_path: Path) -> None:
+    code = ("import sys, runpy; sys.argv = ['readme_tables', '--print', '--results-dir', sys.argv[1]]; "
+            "runpy.run_module('kinema.benchmarks.readme_tables', run_name='__main__'); "
+            "assert not any(name.startswith('kinema.policies') for name in sys.modules), 'imported kinema.policies'")
+    proc = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| threads | variant | p50 (ms) |" in proc.stdout
+
+
+def test_speed_tables_from_results_written_before_the_same_model_ratio(results: Path, tmp_path: Path) -> None:
+    """Old JSON holds only the banded default's ratio: it renders, labelled as a different model, never as the headline."""
+    train = load(results, "train_speed")
+    for entry in train["results"]:
+        entry["ratio_hf_over_kinema"] = entry.pop("hf_over_kinema")["banded_default"]
+        entry["step_time"].pop("kinema_dt_exact")
+    train.pop("compared_models")
+    train["flop_ratio_hf_over_kinema"] = train["flop_ratio_hf_over_kinema"]["banded_default"]
+    lat = load(results, "latency")
+    for entry in lat["results"]:
+        entry["ratio_hf_over_kinema_p50"] = entry.pop("hf_over_kinema_p50")["banded_default"]
+    lat.pop("compared_models")
+    text = readme_tables.train_speed_section(train) + readme_tables.latency_section(lat)
+    assert "HF / kinema, same model" not in text and not re.search(r"\*\*\d", text)  # no headline, no bold ratio
+    assert "| HF / kinema — banded default vs HF (different model) |" in text
+    assert "p50: " in text and "— banded default vs HF (different model)" in text
+
+
+# -- the HF peer: a family from outside kinema's policies, found through its entry point --------------
+def test_hf_peer_registers_through_its_entry_point_without_importing_transformers() -> None:
+    code = ("import sys\n"
+            "import kinema.benchmarks, kinema.benchmarks.hf_peer\n"
+            "from kinema.policies import available_policies, policy_class\n"
+            "assert 'hf_dt' in available_policies() and policy_class('hf_dt').label == 'HF DT'\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported before an HF model was built'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_hf_peer_without_transformers_says_what_to_install(monkeypatch) -> None:
+    spec, stats = train_speed.hopper_spec()
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "kinema\[test\]"'):
+        train_speed.hf_dt(spec, stats)
+
+
 def hf_policy():
     from kinema.policies import NormStats, PolicySpec, make_policy
 
-    bench("hf_peer")  # registers "hf_dt"
     spec = PolicySpec(11, 3, (-1.0, -2.0, -1.0), (1.0, 2.0, 1.0), 1000)
     stats = NormStats.for_observations(np.full(11, 0.5, np.float32), np.full(11, 2.0, np.float32))
     torch.manual_seed(0)
@@ -185,7 +338,7 @@ def hf_policy():
 def test_hf_dt_loss_ignores_padded_positions() -> None:
     policy = hf_policy()
     generator = torch.Generator().manual_seed(1)
-    batch = bench("train_speed").random_windows(8, 6, generator)
+    batch = train_speed.random_windows(8, 6, generator)
     batch["actions"] = batch["actions"] * torch.tensor([1.0, 2.0, 1.0])
     assert not batch["mask"].all()  # some rows are left-padded
     loss, metrics = policy.loss(batch)
