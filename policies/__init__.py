@@ -44,11 +44,16 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(config: dict[str, Any], spec: PolicySpec, stats: NormStats) -> Policy:
-    """Build a policy from a plain config dict holding ``name`` and the family's fields."""
+def policy_config(config: dict[str, Any]) -> Any:
+    """The family's config dataclass for a plain config dict holding ``name``; bad keys and values are named."""
     values = dict(config)
     cls = policy_class(values.pop("name", None))
-    return cls(config_from_dict(cls.config_class, values, source=f"policy config for {cls.name!r}"), spec, stats)
+    return config_from_dict(cls.config_class, values, source=f"policy config for {cls.name!r}")
+
+
+def make_policy(config: dict[str, Any], spec: PolicySpec, stats: NormStats) -> Policy:
+    """Build a policy from a plain config dict holding ``name`` and the family's fields."""
+    return policy_class(config.get("name"))(policy_config(config), spec, stats)
 
 
 def discover_policies() -> None:
@@ -69,5 +74,5 @@ def discover_policies() -> None:
 
 __all__ = [
     "BatchSpec", "InferenceOptions", "NormStats", "Policy", "PolicySpec", "Recipe", "available_policies",
-    "discover_policies", "make_policy", "policy_class", "register_policy",
+    "discover_policies", "make_policy", "policy_class", "policy_config", "register_policy",
 ]

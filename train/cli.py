@@ -33,14 +33,17 @@ def register_configs() -> None:
     ``policy=<name>``: every registered family (``kinema.policies``), its node the family's
     config dataclass, so ``--cfg job`` shows every field and Hydra checks types.
     ``dataset=<name>``: every dataset of the suite manifest, and the embedded slice.
+    ``train_schema``: kinema-train's own fields (``kinema.train.config.TrainConfig``).
     Called by those apps only: kinema-collect's own ``dataset=<name>`` is a plain key.
     """
     from hydra.core.config_store import ConfigStore
 
     from kinema.datasets.suite import EMBEDDED_NAME, suite_names
     from kinema.policies import available_policies, policy_class
+    from kinema.train.config import TrainConfig
 
     store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
     for name in available_policies():
         node = OmegaConf.merge({"name": name}, OmegaConf.structured(policy_class(name).config_class))
         store.store(group="policy", name=name, node=node)

@@ -20,6 +20,7 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     from kinema.envs import get_task
     from kinema.train.checkpoint import load_checkpoint
+    from kinema.train.config import check_eval_settings
     from kinema.train.evaluation import run_evaluation
     from kinema.train.trainer import _describe, eval_conditioning, eval_trials, select_device, write_json
 
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> float | None:
     trained_eval = dict(loaded.config.get("eval", {}))
     trained_eval.update({k: v for k, v in settings["eval"].items() if v is not None})
     trained_eval["trials"] = eval_trials(policy, trained_eval)
+    check_eval_settings(trained_eval)
     conditioning = eval_conditioning(policy, {"eval": trained_eval}, get_task(loaded.task), None)
     video = run_dir / "episode.mp4" if settings.get("video") else None
     result = run_evaluation(

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kinema.datasets import make_sampler
 from kinema.envs import task_spaces
-from kinema.policies import NormStats, Policy, PolicySpec, make_policy
+from kinema.policies import NormStats, Policy, PolicySpec, make_policy, policy_config
 from kinema.train.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
@@ -39,6 +39,7 @@ from kinema.train.checkpoint import (
     save_checkpoint,
 )
 from kinema.train.recipe import make_ema, make_optimizer, make_scheduler
+from kinema.train.config import TARGET_RETURN_MODES, check_run_config
 from kinema.train.data import ResolvedDataset, resolve_dataset
 from kinema.train.evaluation import run_evaluation
 from kinema.train.metrics import RunLogger, plot_learning_curve
@@ -88,9 +89,6 @@ def seed_everything(seed: int) -> None:
 def policy_spec(task: Any) -> PolicySpec:
     obs_dim, act_dim, low, high = task_spaces(task)
     return PolicySpec(obs_dim, act_dim, tuple(low), tuple(high), task.max_episode_steps)
-
-
-TARGET_RETURN_MODES = ("dataset_max", "task")
 
 
 def eval_conditioning(policy: Policy, cfg: dict[str, Any], task: Any, data: ResolvedDataset | None) -> dict[str, Any]:
@@ -191,9 +189,9 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     """Train (or resume) and evaluate; returns the final evaluation on rank 0."""
+    check_run_config(cfg)  # every value, before any work
+    policy_config(cfg["policy"])
     train_cfg, eval_cfg = cfg["train"], cfg["eval"]
-    if int(train_cfg["steps"]) < 0:
-        raise ValueError(f"train.steps must be >= 0, got {train_cfg['steps']}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     world = setup_distributed(torch.device("cuda" if torch.cuda.is_available() and cfg["device"] != "cpu" else "cpu"))

@@ -85,16 +85,28 @@ def test_eval_refuses_incomplete_checkpoint(cli, hopper_random_hdf5: Path, tmp_p
     ("override", "expected"),
     [
         ("train.steps=-5", "train.steps"),
+        ("train.steps=abc", "train.steps"),
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("train.checkpoint_every=-1", "train.checkpoint_every"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+        ("eval.episodes=0", "eval.episodes"),
+        ("eval.num_envs=0", "eval.num_envs"),
+        ("eval.target_return=lots", "eval.target_return"),
+        ("seed=-1", "seed"),
+        ("policy.recipe.lr=-1", "recipe.lr"),
         ("policy.hidden_dims=[0]", "hidden_dims"),
         ("+policy.bogus=1", "bogus"),
         ("policy.name=nope", "nope"),
         ("env=NoSuchTask-v9", "NoSuchTask-v9"),
     ],
 )
-def test_bad_config_values_are_named(cli, hopper_random_hdf5: Path, tmp_path: Path, override: str, expected: str) -> None:
-    proc = cli.run(train_args(cli, hopper_random_hdf5, tmp_path / "run", 10, override), cwd=tmp_path, check=False)
+def test_bad_config_values_are_named_before_any_work(cli, hopper_random_hdf5: Path, tmp_path: Path, override: str, expected: str) -> None:
+    run = tmp_path / "run"
+    proc = cli.run(train_args(cli, hopper_random_hdf5, run, 10, override), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
 def test_dataset_that_does_not_match_the_task_is_refused(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:

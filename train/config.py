@@ -1,0 +1,94 @@
+"""kinema-train's run config as typed dataclasses: the one source of its defaults and checks.
+
+Hydra uses ``TrainConfig`` as the schema of ``train.yaml`` (types are checked when the
+config is composed, naming the key), and ``check_run_config`` runs the range checks on the
+resolved config before any work starts, every message naming the full key. The policy and
+dataset groups bring their own dataclasses (``kinema.policies``) and are checked when the
+policy is built, also before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+TARGET_RETURN_MODES = ("dataset_max", "task")
+
+
+def _require_int(value: Any, key: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class TrainLoop:
+    steps: int = 1000  # the quick start's budget (a few minutes on a 2-core CPU); the quality grid trains 5000
+    log_every: int = 100
+    checkpoint_every: int = 1000  # periodic checkpoints (with optimiser and sampler state) to resume from
+    keep_checkpoints: int = 2  # periodic checkpoints kept; at least 1, or an interrupted run could not resume
+
+    def check(self) -> None:
+        _require_int(self.steps, "train.steps", 0)
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            _require_int(getattr(self, key), f"train.{key}", 1)
+
+
+@dataclass
+class EvalSettings:
+    episodes: int = 10
+    num_envs: int = 10
+    seed: int = 1000  # episode i is seeded with seed + i
+    trials: Optional[int] = None  # episodes per context (AT protocol); null = the policy's default (at: 4)
+    every: Optional[int] = None  # evaluate every N training steps as well; 0 = only at the end; null = 4 times over the run
+    episodes_during_training: Optional[int] = 5  # null = eval.episodes
+    # Target return of return-conditioned policies: dataset_max (best episode return in the training
+    # data) | task (the task's target_return, the DT paper's values for D4RL's own files) | a number.
+    # Policies that take no target return ignore dataset_max and refuse anything else.
+    target_return: Any = "dataset_max"
+
+    def check(self) -> None:
+        _require_int(self.episodes, "eval.episodes", 1)
+        _require_int(self.num_envs, "eval.num_envs", 1)
+        _require_int(self.seed, "eval.seed", 0)
+        for key, minimum in (("trials", 1), ("every", 0), ("episodes_during_training", 1)):
+            if getattr(self, key) is not None:
+                _require_int(getattr(self, key), f"eval.{key}", minimum)
+        target = self.target_return
+        if target is not None and target not in TARGET_RETURN_MODES:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+                raise ValueError(f"eval.target_return must be a finite number or one of {TARGET_RETURN_MODES}, got {target!r}")
+
+
+@dataclass
+class TrainConfig:
+    env: Optional[str] = None  # task name (hopper, walker2d, ...) or Gymnasium id; null = read from the dataset
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch intra-op threads; null = torch's default
+    train: TrainLoop = field(default_factory=TrainLoop)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    policy: Any = None  # a policy group: the family's config dataclass
+    dataset: Any = None  # a dataset group: {name, path}
+
+
+def check_eval_settings(eval_cfg: dict[str, Any]) -> None:
+    """Range checks of an ``eval`` block (keys it does not know, e.g. from older checkpoints, are ignored)."""
+    known = {f.name for f in dataclasses.fields(EvalSettings)}
+    EvalSettings(**{key: value for key, value in eval_cfg.items() if key in known}).check()
+
+
+def check_run_config(cfg: dict[str, Any]) -> None:
+    """Range checks of the resolved run config; a ValueError naming the full key."""
+    _require_int(cfg.get("seed"), "seed", 0)
+    if cfg.get("threads") is not None:
+        _require_int(cfg["threads"], "threads", 1)
+    device = cfg.get("device")
+    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    TrainLoop(**cfg["train"]).check()
+    check_eval_settings(cfg["eval"])
+    dataset = cfg.get("dataset")
+    if not isinstance(dataset, dict) or not (dataset.get("name") or dataset.get("path")):
+        raise ValueError("dataset: set dataset=<suite name> or dataset.path=<file.hdf5 or Minari dataset dir>")
