@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from .store import OfflineDataset
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 OPTIONAL_KEYS = ("timeouts", "next_observations")
 JSON_ATTRIBUTE = "json"
+# A temporary file beside the target not written to for this long belongs to a killed write
+# (a live write touches its file continuously), so the next write to that path removes it.
+STALE_TEMPORARY_S = 60.0
 
 
 def read_d4rl_hdf5(path: str | os.PathLike) -> OfflineDataset:
@@ -142,7 +146,8 @@ def write_d4rl_hdf5(dataset: OfflineDataset, path: str | os.PathLike, compressio
 
     The file is written to a temporary name in the same directory, flushed to disk, and
     renamed over ``path``: an interrupted write leaves either the old file or nothing,
-    never a half-written file under the real name. ``compression`` is passed to h5py
+    never a half-written file under the real name; temporary files a killed write left
+    (``.<name>.<random>.tmp``, idle for a minute) are removed. ``compression`` is passed to h5py
     (e.g. "gzip", "lzf"); D4RL's own files are uncompressed.
     """
     path = Path(path)
@@ -150,6 +155,7 @@ def write_d4rl_hdf5(dataset: OfflineDataset, path: str | os.PathLike, compressio
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    _remove_stale_temporaries(path, Path(temp_name))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; a dataset is an ordinary file
@@ -165,6 +171,24 @@ def write_d4rl_hdf5(dataset: OfflineDataset, path: str | os.PathLike, compressio
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def _remove_stale_temporaries(path: Path, own: Path) -> None:
+    """Delete the temporaries of earlier writes to ``path`` that are idle long enough to be dead.
+
+    Ages are compared with our own fresh temporary's mtime, so the file system's clock
+    is used on both sides (no skew on network file systems).
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[^.]+\.tmp")
+    now = own.stat().st_mtime
+    for candidate in path.parent.iterdir():
+        if candidate == own or not pattern.fullmatch(candidate.name):
+            continue
+        try:
+            if now - candidate.stat().st_mtime > STALE_TEMPORARY_S:
+                candidate.unlink()
+        except FileNotFoundError:
+            pass  # another writer finished or cleaned up first
 
 
 def _write_contents(file: h5py.File, dataset: OfflineDataset, compression: str | None, destination: str) -> None:

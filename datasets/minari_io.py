@@ -10,7 +10,8 @@ instead of metadata.json; both are read.
 
 Conversion to kinema's flat layout: the last observation of each episode becomes the
 last ``next_observations`` entry and is otherwise dropped; terminals = terminations,
-timeouts = truncations; T+1-long infos lose their last entry.
+timeouts = truncations; T+1-long infos lose their last entry. An episode whose last step
+has neither flag is marked truncated there, so it never merges into the next one.
 """
 
 from __future__ import annotations
@@ -191,12 +192,24 @@ def _to_offline_dataset(episodes: list[dict[str, Any]], metadata: dict[str, Any]
         actions=np.concatenate([e["actions"] for e in episodes]),
         rewards=np.concatenate([e["rewards"] for e in episodes]),
         terminals=np.concatenate([e["terminations"] for e in episodes]),
-        timeouts=np.concatenate([e["truncations"] for e in episodes]),
+        timeouts=np.concatenate([_truncations_ending_the_episode(e, last=e is episodes[-1]) for e in episodes]),
         next_observations=next_observations,
         infos={key: np.concatenate([e["infos"][key] for e in episodes]) for key in sorted(common_infos)},
         metadata=metadata,
         source=source,
     )
+
+
+def _truncations_ending_the_episode(episode: dict[str, Any], last: bool) -> np.ndarray:
+    """The episode's truncations, set on its last step when neither flag ends it (an episode
+    recorded mid-way), so it does not run into the next; the file's last episode stays as it
+    is, an unflagged final run being an episode of its own already."""
+    truncations = np.asarray(episode["truncations"]) != 0
+    if last or not len(truncations) or truncations[-1] or episode["terminations"][-1]:
+        return truncations
+    truncations = truncations.copy()
+    truncations[-1] = True
+    return truncations
 
 
 def _convert_metadata(raw: dict[str, Any]) -> dict[str, Any]:

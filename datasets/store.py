@@ -12,7 +12,8 @@ an ``OfflineDataset`` as read-only: build a new one instead of mutating them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Sequence
 
@@ -22,6 +23,11 @@ from .errors import DatasetError
 
 # Keys checked for NaN/inf: the arrays a policy trains on.
 FINITE_KEYS = ("observations", "actions", "rewards", "next_observations")
+# Actions further than this many half-widths of the task's action box from its centre are
+# not noise around the box but another scale (degrees, N·m, unnormalised controls): refused.
+FAR_OUTSIDE_HALF_WIDTHS = 1.5
+# Slack for float rounding at the box edges (e.g. float32 tanh outputs of exactly ±1).
+BOX_TOLERANCE = 1e-5
 
 
 def _as_array(value: Any, dtype: Any, key: str, source: str) -> np.ndarray:
@@ -68,8 +74,19 @@ class OfflineDataset:
         self.metadata = dict(self.metadata)
 
     # -- validation ------------------------------------------------------------------
-    def validate(self, obs_dim: int | None = None, act_dim: int | None = None) -> "OfflineDataset":
-        """Raise DatasetError naming the source and key of the first problem; return self."""
+    def validate(
+        self,
+        obs_dim: int | None = None,
+        act_dim: int | None = None,
+        action_low: Sequence[float] | np.ndarray | None = None,
+        action_high: Sequence[float] | np.ndarray | None = None,
+    ) -> "OfflineDataset":
+        """Raise DatasetError naming the source and key of the first problem; return self.
+
+        With the task's action box (``action_low``, ``action_high``), actions outside it
+        warn (policies clip them to the box, so they train on other targets than the data
+        holds) and actions more than 1.5 half-widths from the box centre are refused.
+        """
         src = self.source
         arrays = self._named_arrays()
         expected_ndim = {"observations": 2, "actions": 2, "rewards": 1, "terminals": 1, "timeouts": 1, "next_observations": 2}
@@ -105,7 +122,44 @@ class OfflineDataset:
             if not finite_rows.all():
                 first = int(np.flatnonzero(~finite_rows)[0])
                 raise DatasetError(f"{src}: '{key}' contains NaN or inf, first at step {first}; expected finite values")
+        if action_low is not None and action_high is not None:
+            self._check_action_box(np.asarray(action_low, dtype=np.float64), np.asarray(action_high, dtype=np.float64))
         return self
+
+    def _check_action_box(self, low: np.ndarray, high: np.ndarray) -> None:
+        src = self.source
+        if low.shape != (self.act_dim,) or high.shape != (self.act_dim,):
+            raise ValueError(f"{src}: action bounds of shapes {low.shape} and {high.shape} given for {self.act_dim}-dim actions")
+        bounded = np.isfinite(low) & np.isfinite(high)  # Gymnasium allows unbounded dimensions
+        centre, half_width = (high + low) / 2, (high - low) / 2
+        offset = np.abs(self.actions.astype(np.float64) - centre) - half_width  # > 0: outside the box
+        outside = bounded & (offset > BOX_TOLERANCE * np.maximum(half_width, 1.0))
+        if not outside.any():
+            return
+        found_low, found_high = self.actions.min(axis=0), self.actions.max(axis=0)
+
+        def ranges(mask: np.ndarray) -> str:
+            """Range found against the box, for the dimensions where ``mask`` holds somewhere."""
+            dims = np.flatnonzero(mask.any(axis=0))
+            return "; ".join(
+                f"dimension {d}: [{_short(found_low[d])}, {_short(found_high[d])}] vs [{_short(low[d])}, {_short(high[d])}]"
+                for d in dims[:4]
+            ) + (f"; and {len(dims) - 4} more dimension(s)" if len(dims) > 4 else "")
+
+        far = bounded & (offset > (FAR_OUTSIDE_HALF_WIDTHS - 1) * half_width)
+        if far.any():
+            raise DatasetError(
+                f"{src}: 'actions' reach beyond {FAR_OUTSIDE_HALF_WIDTHS}x the half-width of the task's action box "
+                f"from its centre ({ranges(far)}): recorded in other units or another scale? "
+                f"Rescale them to the task's box (values slightly outside it are clipped with a warning)"
+            )
+        steps = int(outside.any(axis=1).sum())
+        warnings.warn(
+            f"{src}: 'actions': {steps / self.num_transitions:.1%} of steps ({steps} of {self.num_transitions}) "
+            f"are outside the task's action box ({ranges(outside)}); the BC and DT losses clip them to the box",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _named_arrays(self) -> dict[str, np.ndarray]:
         arrays = {
@@ -182,6 +236,33 @@ class OfflineDataset:
         # Sum over [i, end) = cumulative[end - 1] - cumulative[i] + reward[i].
         episode_total_at_end = cumulative[self.episode_ends - 1][self.episode_index]
         return (episode_total_at_end - cumulative + rewards).astype(np.float32)
+
+    def split_at_time_limit(self, max_episode_steps: int) -> "OfflineDataset":
+        """Cut unflagged runs into episodes of the task's time limit, when no timeouts are recorded.
+
+        D4RL v0 files have no 'timeouts' key, so each episode the time limit cut runs into
+        the next one. When the dataset records no timeout at all, a timeout is marked after
+        every ``max_episode_steps`` steps without a terminal (never on the very last step,
+        a run the file cuts off), with a warning naming the source. Returns ``self`` when
+        nothing needs cutting.
+        """
+        if max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be a positive number of steps, got {max_episode_steps}")
+        if self.timeouts.any():
+            return self
+        cut = ((self.timesteps + 1) % max_episode_steps == 0) & ~self.terminals
+        cut[-1] = False
+        added = int(cut.sum())
+        if not added:
+            return self
+        warnings.warn(
+            f"{self.source}: no 'timeouts' recorded (a D4RL v0 file?) and runs longer than the task's time limit "
+            f"of {max_episode_steps} steps, so episodes cut by the limit would run into the next: marked a timeout "
+            f"every {max_episode_steps} steps without a terminal ({added} episode boundaries added)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return replace(self, timeouts=self.timeouts | cut)
 
     # -- statistics -------------------------------------------------------------------
     @cached_property
@@ -316,17 +397,12 @@ def _with_final_boundary(dataset: OfflineDataset) -> OfflineDataset:
         return dataset
     timeouts = dataset.timeouts.copy()
     timeouts[-1] = True
-    return OfflineDataset(
-        observations=dataset.observations,
-        actions=dataset.actions,
-        rewards=dataset.rewards,
-        terminals=dataset.terminals,
-        timeouts=timeouts,
-        next_observations=dataset.next_observations,
-        infos=dataset.infos,
-        metadata=dataset.metadata,
-        source=dataset.source,
-    )
+    return replace(dataset, timeouts=timeouts)
+
+
+def _short(value: float) -> str:
+    """A bound or action value as a user would write it: 1, -1.1, 40, 0.333."""
+    return f"{float(value):.3g}"
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -101,6 +101,11 @@ def _record(settings: dict[str, Any]) -> dict[str, Any]:
                          "or dataset=<suite name>; see kinema-collect --list")
     if not settings["output"]:
         raise ValueError("kinema-collect needs output=<file.hdf5> to write the dataset to")
+    output = Path(str(settings["output"])).expanduser()
+    if output.is_dir():
+        raise ValueError(f"output={output} is a directory; expected the .hdf5 file to write")
+    if output.exists() and not settings["overwrite"]:
+        raise ValueError(f"output={output} already exists; set overwrite=true to replace it, or choose another output")
     spec = get_task(settings["env"])
     policy = _behaviour_policy(settings)
     # No ref_min_score / ref_max_score: a single recording has no expert of its own to measure,
@@ -108,8 +113,8 @@ def _record(settings: dict[str, Any]) -> dict[str, Any]:
     metadata = {**policy.describe(), "collection_seed": int(settings["seed"]),
                 "d4rl_ref_min": spec.d4rl_ref_min, "d4rl_ref_max": spec.d4rl_ref_max}
     dataset = collect(spec, policy, int(settings["steps"]), seed=int(settings["seed"]), num_envs=int(settings["num_envs"]),
-                      metadata=metadata, progress=True, source=str(settings["output"]))
-    path = write_d4rl_hdf5(dataset, settings["output"], compression=settings["compression"])
+                      metadata=metadata, progress=True, source=str(output))
+    path = write_d4rl_hdf5(dataset, output, compression=settings["compression"])
     summary = dataset.summary()
     print(f"kinema-collect: wrote {path}: {summary['transitions']:,} transitions, {summary['episodes']:,} episodes, "
           f"return {summary['return_mean']:.1f} ± {summary['return_std']:.1f} ({policy.describe()['algorithm']} in {spec.gym_id})")

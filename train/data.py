@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kinema.datasets import OfflineDataset, load_dataset
 from kinema.envs import TaskSpec, get_task, task_spaces
-
 
 
 @dataclass
@@ -47,6 +47,16 @@ def resolve_dataset(dataset_cfg: dict[str, Any], env: str | None) -> ResolvedDat
             "name it with env=<task>, e.g. env=hopper"
         )
     task = get_task(str(task_name))
-    obs_dim, act_dim, _, _ = task_spaces(task)
-    dataset.validate(obs_dim=obs_dim, act_dim=act_dim)
+    obs_dim, act_dim, action_low, action_high = task_spaces(task)
+    with warnings.catch_warnings():
+        if not _is_main_process():
+            warnings.simplefilter("ignore")  # every DDP rank loads the data; rank 0 says what it found
+        dataset = dataset.validate(obs_dim=obs_dim, act_dim=act_dim, action_low=action_low, action_high=action_high)
+        dataset = dataset.split_at_time_limit(task.max_episode_steps)
     return ResolvedDataset(dataset=dataset, task=task, name=path.stem if dataset_cfg.get("path") else str(dataset_cfg["name"]), path=path)
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
