@@ -77,6 +77,9 @@ class HFDecisionTransformer(Policy):
     label = "HF DT"
     config_class = HFDTConfig
     conditioning = ("target_return",)
+    # end_episode restarts one environment's window, but the quality grid reports several trials
+    # per context for kinema's own families only; the peer is compared on single episodes.
+    multi_trial = False
 
     def __init__(self, config: HFDTConfig, spec: PolicySpec, stats: NormStats):
         transformers = import_transformers()
@@ -147,12 +150,24 @@ class HFDecisionTransformer(Policy):
             raise ValueError("hf_dt.reset: no target return; pass reset(num_envs, target_return=...)")
         n, k, device = int(num_envs), self.config.context_len, self.device
         self._num_envs = n
-        self._returns_to_go = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (n,)).copy()
-        self._steps = 0
+        self._targets = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (n,)).copy()
+        self._returns_to_go = self._targets.copy()
+        self._steps = np.zeros(n, dtype=np.int64)  # steps of each environment's current episode
         self._observations = torch.zeros(n, k, self.spec.obs_dim, device=device)
         self._unit_actions = torch.zeros(n, k, self.spec.act_dim, device=device)
         self._window_returns = torch.zeros(n, k, device=device)
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=device)
+
+    def end_episode(self, env_indices: Any) -> None:
+        """Those environments start a new episode: their windows empty, their return-to-go back at the target."""
+        if self._num_envs == 0:
+            raise RuntimeError("hf_dt.end_episode called before reset(num_envs)")
+        index = np.asarray(env_indices, dtype=np.int64).reshape(-1)
+        self._steps[index] = 0
+        self._returns_to_go[index] = self._targets[index]
+        rows = torch.as_tensor(index, device=self.device)
+        for window in (self._observations, self._unit_actions, self._window_returns, self._timesteps):
+            window[rows] = 0
 
     def observe_reward(self, reward: Any) -> None:
         if self._num_envs == 0:
@@ -176,10 +191,11 @@ class HFDecisionTransformer(Policy):
         self._observations[:, -1] = obs
         self._unit_actions[:, -1] = 0.0
         self._window_returns[:, -1] = torch.as_tensor(self._returns_to_go, dtype=torch.float32, device=self.device)
-        self._timesteps[:, -1] = self._steps
+        self._timesteps[:, -1] = torch.as_tensor(self._steps, device=self.device)
         self._steps += 1
         k = self.config.context_len
-        mask = (torch.arange(k, device=self.device) >= k - min(self._steps, k)).expand(self._num_envs, k)
+        filled = torch.as_tensor(np.minimum(self._steps, k), device=self.device)
+        mask = torch.arange(k, device=self.device)[None, :] >= (k - filled)[:, None]
         unit_action = self.predict_actions(
             self._observations, self._unit_actions, self._window_returns, self._timesteps, mask
         )[:, -1]

@@ -8,7 +8,9 @@ Train, eval, bench and deploy only ever talk to a policy through this surface:
   stateful rollout; the policy keeps its own context, target return, action queue.
 
 Policies never see files, Hydra or environments: they are built from a config
-dataclass, a ``PolicySpec`` (shapes) and the dataset's ``NormStats``. The stats are
+dataclass (model fields, a ``Recipe`` for training and ``InferenceOptions``), a
+``PolicySpec`` (shapes, limits, task structure) and the dataset's ``NormStats`` (keyed by
+feature; each family declares what it needs in ``required_stats``). The statistics are
 non-persistent buffers, so the safetensors weights never duplicate them and the
 checkpoint stores them once, next to the config.
 
@@ -225,6 +227,8 @@ class Policy(nn.Module):
     required_stats: ClassVar[dict[str, tuple[str, ...]]] = {"observations": ("mean", "std")}
     # Keyword arguments reset() takes (e.g. DT's target_return); evaluation hands over only these.
     conditioning: ClassVar[tuple[str, ...]] = ()
+    # True when act() depends on the current observation only (BC): episode ends need nothing.
+    stateless: ClassVar[bool] = False
     # True when end_episode restarts or carries one environment's context while the others go on,
     # so several trials in a row per context mean something (a stateless policy's trials are plain episodes).
     multi_trial: ClassVar[bool] = False
@@ -300,9 +304,16 @@ class Policy(nn.Module):
     def end_episode(self, env_indices: Any) -> None:
         """Those environments' episodes ended and the next starts in the same slot.
 
-        Stateless policies ignore it; a policy that keeps context must override it, either
-        clearing that context (DT) or carrying it into the next trial (AT).
+        A policy that keeps context must override it, either clearing that context (DT) or
+        carrying it into the next trial (AT); one whose ``act`` depends on the current
+        observation only declares ``stateless = True`` and ignores it.
         """
+        if not self.stateless:
+            raise NotImplementedError(
+                f"{type(self).__name__} ({self.name!r}) keeps a context per environment, so it must implement "
+                "end_episode(env_indices) to restart or carry it; a policy whose act() depends on the current "
+                "observation only declares stateless = True"
+            )
 
     def seed_episodes(self, env_indices: Any, seeds: Any) -> None:
         """Episodes seeded ``seeds`` start in environment slots ``env_indices`` (after ``reset``

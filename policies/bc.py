@@ -37,6 +37,7 @@ class BCPolicy(Policy):
     name = "bc"
     label = "BC"
     config_class = BCConfig
+    stateless = True
 
     def __init__(self, config: BCConfig, spec: PolicySpec, stats: NormStats):
         super().__init__(config, spec, stats)

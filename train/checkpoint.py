@@ -8,6 +8,8 @@ A checkpoint is a directory:
     config.yaml              the resolved run config plus a `checkpoint:` block (task, spec, step)
     stats.json               normalisation statistics keyed by feature (NormStats, format kinema.stats/2)
     trainer_state.safetensors / trainer_state.json   optimiser, RNG and sampler state (resume only)
+    checksums.json           sha256 of every other file, written last; verified on every load
+
 
 Checkpoints written before policies declared their recipe (flat stats.json with
 obs_mean/obs_std; train.lr, train.batch_size, ... and policy.target_return in config.yaml)
@@ -32,6 +34,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kinema.datasets.suite import sha256_of_file
 from kinema.policies import NormStats, Policy, PolicySpec, make_policy
 
 WEIGHTS = "model.safetensors"
@@ -40,6 +43,7 @@ CONFIG = "config.yaml"
 STATS = "stats.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
+CHECKSUMS = "checksums.json"
 REQUIRED = (WEIGHTS, CONFIG, STATS)
 
 
@@ -113,6 +117,8 @@ def save_checkpoint(
         with open(staging / TRAINER_TENSORS, "rb+") as handle:
             os.fsync(handle.fileno())
         _write_file(staging / TRAINER_JSON, json.dumps(plain))
+    checksums = {path.name: sha256_of_file(path) for path in sorted(staging.iterdir())}
+    _write_file(staging / CHECKSUMS, json.dumps(checksums, indent=1))
     _fsync_dir(staging)
 
     # Swap in: the old directory is moved aside first so a crash leaves one complete copy.
@@ -191,6 +197,29 @@ def read_run_config(directory: Path) -> dict[str, Any]:
     return config
 
 
+def verify_checksums(directory: Path) -> None:
+    """Every file listed in checksums.json has the sha256 recorded when it was written.
+
+    A checkpoint written before checksums were recorded (no checksums.json) cannot be verified
+    and is accepted as it is.
+    """
+    listing = Path(directory) / CHECKSUMS
+    if not listing.is_file():
+        return
+    try:
+        expected = json.loads(listing.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"checkpoint {listing} is not valid JSON: {error}") from error
+    for name, digest in expected.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing (listed in {CHECKSUMS})")
+        if sha256_of_file(path) != digest:
+            raise CheckpointError(
+                f"checkpoint file {path} is corrupt: its sha256 differs from the one recorded when it was written"
+            )
+
+
 def model_config(policy_config: dict[str, Any]) -> dict[str, Any]:
     """The part of a policy config that defines the model (what resuming must not change)."""
     return {key: value for key, value in policy_config.items() if key not in ("recipe", "inference")}
@@ -208,6 +237,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
             f"checkpoint {directory} is incomplete: missing {', '.join(missing)} "
             f"(a kinema checkpoint holds {', '.join(REQUIRED)})"
         )
+    verify_checksums(directory)
     config = read_run_config(directory)
     block = config.get("checkpoint")
     for key in ("policy", "task", "spec", "step"):
@@ -254,14 +284,22 @@ def load_trainer_state(directory: Path) -> dict[str, Any] | None:
     return _join_tensors(json.loads((directory / TRAINER_JSON).read_text()), tensors)
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The highest-step complete periodic checkpoint (step_XXXXXXXX) in a run, if any."""
+def resumable_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest periodic checkpoint (step_XXXXXXXX) that is complete and verifies, and why newer ones were skipped."""
     if not checkpoints_dir.is_dir():
-        return None
-    candidates = sorted(
-        p for p in checkpoints_dir.glob("step_*") if p.is_dir() and all((p / n).is_file() for n in REQUIRED)
-    )
-    return candidates[-1] if candidates else None
+        return None, []
+    skipped = []
+    for candidate in sorted((p for p in checkpoints_dir.glob("step_*") if p.is_dir()), reverse=True):
+        missing = [name for name in (*REQUIRED, TRAINER_JSON, TRAINER_TENSORS) if not (candidate / name).is_file()]
+        try:
+            if missing:
+                raise CheckpointError(f"checkpoint {candidate} is incomplete: missing {', '.join(missing)}")
+            verify_checksums(candidate)
+        except CheckpointError as error:
+            skipped.append(str(error))
+            continue
+        return candidate, skipped
+    return None, skipped
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:

@@ -49,7 +49,7 @@ def _suite(settings: dict[str, Any]) -> dict[str, Any]:
         summary = read_d4rl_hdf5(path).summary()
         results[each] = {"path": str(path), **summary}
         print(f"kinema-collect: {each}: {path} ({summary['transitions']:,} transitions, {summary['episodes']:,} episodes, "
-              f"return {summary['return_mean']:.1f}){'; sha256 verified' if size == 'default' else ''}")
+              f"return {summary['return_mean']:.1f}){'; verified against the manifest' if size == 'default' else ''}")
     return {"datasets": results}
 
 

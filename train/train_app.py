@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,10 +17,14 @@ register_configs()
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=HYDRA_VERSION_BASE)
 @report_user_errors("kinema-train")
 def main(cfg: DictConfig) -> float | None:
-    from kinema.train.trainer import _describe, run_training
+    from kinema.train.trainer import TrainingInterrupted, _describe, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = run_training(to_plain(cfg), run_dir)
+    try:
+        result = run_training(to_plain(cfg), run_dir)
+    except TrainingInterrupted as stopped:
+        print(f"kinema-train: {stopped}", file=sys.stderr)
+        sys.exit(128 + stopped.signal_number)  # the shell's convention for a process ended by a signal
     if result is None:  # a non-zero DDP rank
         return None
     print(f"kinema-train: {result['policy']} on {result['dataset']} ({result['task']}), step {result['step']}: {_describe(result)}")

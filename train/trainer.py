@@ -14,6 +14,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm import tqdm
 
 from kinema.datasets import make_sampler
+from kinema.datasets.suite import sha256_of_file
 from kinema.envs import task_spaces
 from kinema.policies import NormStats, Policy, PolicySpec, make_policy, policy_config
 from kinema.train.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
-    latest_checkpoint,
+    CheckpointError,
     load_trainer_state,
     model_config,
     prune_checkpoints,
     read_run_config,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from kinema.train.recipe import make_ema, make_optimizer, make_scheduler
@@ -126,7 +131,7 @@ def eval_conditioning(policy: Policy, cfg: dict[str, Any], task: Any, data: Reso
         value = float(target)
     except (TypeError, ValueError):
         raise ValueError(
-            f"eval.target_return must be a number or one of {TARGET_RETURN_MODES}, got {target!r}"
+            f"eval.target_return must be a finite number or one of {TARGET_RETURN_MODES}, got {target!r}"
         ) from None
     if not math.isfinite(value):
         raise ValueError(f"eval.target_return must be finite, got {target!r}")
@@ -177,6 +182,12 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path)
             f"the run directory's checkpoint {path} holds a different model (policy.{', policy.'.join(changed)} changed); "
             "resume with the same model or choose a new hydra.run.dir"
         )
+    saved_data, current_data = saved.get("dataset_sha256"), current.get("dataset_sha256")
+    if saved_data is not None and saved_data != current_data:
+        raise ValueError(
+            f"the dataset changed since the run in {path.parent.parent} started: {current['dataset_file']} has sha256 "
+            f"{current_data[:12]}..., the run trained on {saved_data[:12]}...; restore that file or choose a new hydra.run.dir"
+        )
     # A changed recipe would silently mix two optimisers' states: refused, naming the fields.
     saved_recipe, current_recipe = saved["policy"].get("recipe", {}), current["policy"].get("recipe", {})
     changed = sorted(k for k in set(saved_recipe) | set(current_recipe) if saved_recipe.get(k) != current_recipe.get(k))
@@ -201,9 +212,103 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
+    lock = _lock_run_directory(run_dir, world)
+    try:
+        return _train(cfg, run_dir, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+RUN_LOCK = ".kinema-train.lock"
+
+
+def _lock_run_directory(run_dir: Path, world: Distributed) -> FileLock | None:
+    """One run per run directory: rank 0 holds an exclusive lock for the life of the run.
+
+    The lock is an OS file lock (filelock), released by the kernel when its process dies, so
+    a run killed with -9 never blocks its own resume.
+    """
+    lock, error = None, None
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run_dir / RUN_LOCK))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            lock, error = None, (
+                f"run directory {run_dir} is in use by another kinema-train (it holds {run_dir / RUN_LOCK}); "
+                "wait for that run to finish or choose another hydra.run.dir"
+            )
+    if world.world_size > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise ValueError(error)
+    return lock
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived; the current step was checkpointed before stopping."""
+
+    def __init__(self, signal_number: int, step: int, run_dir: Path):
+        self.signal_number, self.step, self.run_dir = signal_number, step, run_dir
+        name = signal.Signals(signal_number).name
+        super().__init__(
+            f"stopped by {name} at step {step}; a checkpoint of that step is in {run_dir / 'checkpoints'}. "
+            f"Resume with the same command and hydra.run.dir={run_dir}"
+        )
+
+
+class _StopSignals:
+    """Turns SIGTERM (SLURM preemption) and SIGINT (Ctrl-C) into a request the loop honours between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, world: Distributed):
+        self.world = world
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        self.received = number
+
+    def requested(self) -> int | None:
+        """The signal to stop for, agreed by every rank (they must checkpoint the same step)."""
+        if self.world.world_size == 1:
+            return self.received
+        flag = torch.tensor([self.received or 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+def dataset_fingerprint(path: Path) -> str:
+    """sha256 of a dataset file, or of the HDF5 files of a Minari dataset directory."""
+    if path.is_file():
+        return sha256_of_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*.hdf5")):
+        digest.update(f"{file.relative_to(path)}:{sha256_of_file(file)}".encode())
+    return digest.hexdigest()
+
+
+def _train(cfg: dict[str, Any], run_dir: Path, world: Distributed, device: torch.device) -> dict[str, Any] | None:
+    train_cfg, eval_cfg = cfg["train"], cfg["eval"]
     seed_everything(int(cfg["seed"]) + world.rank)
 
     data = resolve_dataset(cfg["dataset"], cfg.get("env"))
+    cfg = {**cfg, "dataset_file": str(data.path), "dataset_sha256": dataset_fingerprint(data.path)}
     task = data.task
     spec = policy_spec(task)
     stats = NormStats(data.dataset.statistics(), source=f"statistics of {data.path}")
@@ -230,7 +335,15 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     step = 0
     # The cosine schedule's horizon is fixed at the first start; resuming with more steps keeps it.
     schedule_horizon = recipe.schedule_steps or int(train_cfg["steps"])
-    resume_from = latest_checkpoint(checkpoints_dir)
+    resume_from, skipped = resumable_checkpoint(checkpoints_dir)
+    if skipped and world.is_main:
+        for reason in skipped:
+            tqdm.write(f"kinema-train: skipping a periodic checkpoint: {reason}")
+    if skipped and resume_from is None:
+        raise CheckpointError(
+            f"no periodic checkpoint in {checkpoints_dir} can be resumed (see above); "
+            f"move {checkpoints_dir} away to start the run over"
+        )
     state = None
     if resume_from is not None:
         _check_resumable(read_run_config(resume_from), cfg, resume_from)
@@ -254,7 +367,10 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
                 f"resume it with the same number (now {world.world_size}) so every rank keeps its data shard"
             )
         sampler.load_state_dict(state["samplers"][world.rank])
-        torch.set_rng_state(state["torch_rng"])
+        if "rng_per_rank" in state:
+            _set_rng_state(state["rng_per_rank"][world.rank], device)
+        else:  # written before each rank's RNG was saved: rank 0's CPU stream for every rank
+            torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         if world.is_main:
             tqdm.write(f"kinema-train: resuming {run_dir} from step {step} ({resume_from.name})")
@@ -282,17 +398,17 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     evaluated = ema.module if ema is not None else policy  # the EMA weights, when the recipe keeps them
 
     def trainer_state() -> dict[str, Any]:
-        sampler_states = [sampler.state_dict()]
+        # Every rank's own sampler and RNG streams (dropout masks differ per rank), gathered for rank 0 to save.
+        per_rank = [{"sampler": sampler.state_dict(), "rng": _rng_state(device)}]
         if world.world_size > 1:
-            gathered: list[Any] = [None] * world.world_size
-            dist.all_gather_object(gathered, sampler.state_dict())
-            sampler_states = gathered
+            per_rank = [None] * world.world_size
+            dist.all_gather_object(per_rank, {"sampler": sampler.state_dict(), "rng": _rng_state(device)})
         return {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "samplers": sampler_states,
-            "torch_rng": torch.get_rng_state(),
+            "samplers": [entry["sampler"] for entry in per_rank],
+            "rng_per_rank": [entry["rng"] for entry in per_rank],
             "schedule_horizon": schedule_horizon,
             **({"ema_updates": int(ema.n_averaged)} if ema is not None else {}),  # its weights: ema.safetensors
         }
@@ -318,38 +434,46 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         mininterval=1.0, dynamic_ncols=True,
     )
     window_start, window_steps, running = time.perf_counter(), 0, {}
-    while step < total_steps:
-        batch = sampler.sample()
-        loss, metrics = model(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr or check the dataset")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), float(grad_clip) if grad_clip else math.inf)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(policy)
-        step += 1
-        window_steps += 1
-        for key, value in {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}.items():
-            running[key] = running.get(key, 0.0) + float(value)
-        progress.update(1)
+    with _StopSignals(world) as stop:
+        while step < total_steps:
+            batch = sampler.sample()
+            loss, metrics = model(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr or check the dataset")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), float(grad_clip) if grad_clip else math.inf)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(policy)
+            step += 1
+            window_steps += 1
+            for key, value in {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}.items():
+                running[key] = running.get(key, 0.0) + float(value)
+            progress.update(1)
 
-        if logger and (step % log_every == 0 or step == total_steps):
-            elapsed = time.perf_counter() - window_start
-            row = {f"train/{k}": v / window_steps for k, v in running.items()}
-            row["train/lr"] = scheduler.get_last_lr()[0]
-            row["train/steps_per_s"] = window_steps / max(elapsed, 1e-9)
-            logger.log(step, row)
-            progress.set_postfix(loss=f"{row['train/loss']:.4f}")
-            window_start, window_steps, running = time.perf_counter(), 0, {}
-        if eval_every and step % eval_every == 0 and step < total_steps and world.is_main:
-            result = run_eval(int(eval_cfg.get("episodes_during_training") or eval_cfg["episodes"]))
-            logger.log(step, _eval_row(result))
-            tqdm.write(f"step {step}: {_describe(result)}")
-        if step % checkpoint_every == 0 and step < total_steps:
-            checkpoint()
+            if logger and (step % log_every == 0 or step == total_steps):
+                elapsed = time.perf_counter() - window_start
+                row = {f"train/{k}": v / window_steps for k, v in running.items()}
+                row["train/lr"] = scheduler.get_last_lr()[0]
+                row["train/steps_per_s"] = window_steps / max(elapsed, 1e-9)
+                logger.log(step, row)
+                progress.set_postfix(loss=f"{row['train/loss']:.4f}")
+                window_start, window_steps, running = time.perf_counter(), 0, {}
+            if eval_every and step % eval_every == 0 and step < total_steps and world.is_main:
+                result = run_eval(int(eval_cfg.get("episodes_during_training") or eval_cfg["episodes"]))
+                logger.log(step, _eval_row(result))
+                tqdm.write(f"step {step}: {_describe(result)}")
+            if step % checkpoint_every == 0 and step < total_steps:
+                checkpoint()
+            received = stop.requested()
+            if received:
+                checkpoint()  # this very step: nothing since the last periodic checkpoint is lost
+                progress.close()
+                if logger:
+                    logger.close()
+                raise TrainingInterrupted(received, step, run_dir)
     progress.close()
 
     checkpoint()
@@ -378,6 +502,19 @@ def run_training(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
         if len(set(rank_checksums)) != 1:
             raise RuntimeError(f"DDP ranks ended with different parameters: {rank_checksums}")
     return result
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _gather_parameter_checksums(policy: Policy, world: Distributed) -> list[str]:

@@ -391,3 +391,27 @@ def test_hf_dt_act_is_batched_and_matches_single_rollouts() -> None:
         policy.act(observations[0, :2])
     with pytest.raises(ValueError, match="target return"):
         policy.reset(2)
+
+
+def test_hf_dt_end_episode_restarts_that_environment_only() -> None:
+    """Before, the adapter kept one step counter for all environments and no end_episode: a second
+    trial carried the first one's window and return-to-go."""
+    policy = hf_policy()
+    observations = np.random.default_rng(2).normal(size=(7, 2, 11)).astype(np.float32)
+
+    def play(model, steps, envs) -> list[torch.Tensor]:
+        actions = []
+        for obs in steps:
+            actions.append(model.act(obs[envs]))
+            model.observe_reward(np.ones(len(actions[-1])))
+        return actions
+
+    policy.reset(2, target_return=[3600.0, 1800.0])
+    play(policy, observations[:4], slice(0, 2))
+    policy.end_episode([1])
+    after = play(policy, observations[4:], slice(0, 2))
+    fresh = hf_policy()
+    fresh.reset(1, target_return=1800.0)
+    restarted = play(fresh, observations[4:], slice(1, 2))
+    for ours, theirs in zip(after, restarted):
+        torch.testing.assert_close(ours[1], theirs[0], rtol=1e-5, atol=1e-5)

@@ -49,6 +49,7 @@ class PluginLinearPolicy(Policy):
     name = "plugin_linear"
     label = "plug-in linear"
     config_class = LinearConfig
+    stateless = True
     required_stats = {"observations": ("mean", "std"), "actions": ("mean", "std")}
 
     def __init__(self, config: LinearConfig, spec: PolicySpec, stats: NormStats):

@@ -50,3 +50,16 @@ def test_bc_fits_a_linear_expert() -> None:
         first = first if first is not None else loss.item()
     assert loss.item() < 0.05 * first
     assert metrics["action_mse"] == pytest.approx(loss.item())
+
+
+def test_a_policy_that_keeps_context_must_implement_end_episode() -> None:
+    from kinema.policies import Policy
+
+    class Forgetful(Policy):  # keeps a context (not stateless) but has no end_episode
+        name = "forgetful"
+
+    policy = Forgetful.__new__(Forgetful)
+    with pytest.raises(NotImplementedError, match="must implement end_episode"):
+        policy.end_episode([0])
+    bc = make_policy({"name": "bc"}, SPEC, STATS)
+    bc.end_episode([0])  # stateless: nothing to do

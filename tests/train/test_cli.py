@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +73,32 @@ def test_killed_run_resumes_from_last_checkpoint(cli, hopper_random_hdf5: Path, 
     assert result["step"] == 4000
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps), "resumed logs must not repeat or interleave steps"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_preempted_run_checkpoints_its_current_step_and_resumes_exactly(cli, hopper_random_hdf5: Path, tmp_path: Path, stop_signal) -> None:
+    run_dir = tmp_path / "run"
+    args = train_args(cli, hopper_random_hdf5, run_dir, 100000, "train.checkpoint_every=100000", "train.log_every=10",
+                      "eval.every=0")
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(stop_signal)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + stop_signal, stderr
+    stopped_at = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
+    assert len(stopped_at) == 1 and stopped_at[0] >= 30  # the step it was at, not a periodic one
+    step = stopped_at[0]
+    assert f"stopped by {stop_signal.name} at step {step}" in stderr and f"hydra.run.dir={run_dir}" in stderr
+
+    budget = [f"train.steps={step + 15}" if a.startswith("train.steps=") else a for a in args]
+    cli.run(budget, cwd=tmp_path)
+    straight = tmp_path / "straight"
+    cli.run([f"hydra.run.dir={straight}" if a.startswith("hydra.run.dir=") else a for a in budget], cwd=tmp_path)
+    a, b = (load_file(str(run / "checkpoint" / "model.safetensors")) for run in (run_dir, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_eval_refuses_incomplete_checkpoint(cli, hopper_random_hdf5: Path, tmp_path: Path) -> None:
@@ -153,7 +183,7 @@ def test_target_return_modes(cli, hopper_random_hdf5: Path, tmp_path: Path) -> N
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["target_return"] == 1234.0
     proc = cli.run([cli.script("kinema-eval"), f"checkpoint={run_dir}", "eval.target_return=best",
                     f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "eval.target_return must be a number or one of" in proc.stderr
+    assert proc.returncode == 2 and "eval.target_return must be a finite number or one of" in proc.stderr
 
 
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])

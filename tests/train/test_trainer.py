@@ -55,8 +55,10 @@ def test_checkpoint_round_trip_and_refusals(hopper_random_hdf5: Path, tmp_path: 
     assert stats["format"] == "kinema.stats/2" and stats["features"].keys() == {"observations"}  # what DT needs
     assert stats["features"]["observations"].keys() == {"mean", "std"}
 
+    # Hand-edited copies: without checksums.json they are accepted as unverifiable (as before checksums).
     without_std = tmp_path / "without-std"
     shutil.copytree(checkpoint, without_std)
+    (without_std / "checksums.json").unlink()
     del stats["features"]["observations"]["std"]
     (without_std / "stats.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match="observations.std, which is missing"):
@@ -64,6 +66,7 @@ def test_checkpoint_round_trip_and_refusals(hopper_random_hdf5: Path, tmp_path: 
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
+    (broken / "checksums.json").unlink()
     tensors = load_file(str(broken / "model.safetensors"))
     tensors.pop(next(iter(tensors)))
     save_file(tensors, str(broken / "model.safetensors"))
@@ -131,3 +134,57 @@ def test_raising_steps_on_resume_keeps_the_cosine_horizon(hopper_random_hdf5: Pa
     assert "keeps its horizon of 4 steps" in capsys.readouterr().out
     lrs = [row["train/lr"] for row in read_rows(tmp_path / "metrics.jsonl") if "train/lr" in row]
     assert len(lrs) == 7 and lrs[3:] == pytest.approx([3e-5] * 4)  # 0.1 x 3e-4 from the horizon on
+
+
+def test_flipped_bytes_in_a_checkpoint_are_caught_by_name(hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    run_training(train_config(hopper_random_hdf5, "train.steps=2"), tmp_path)
+    weights = tmp_path / "checkpoint" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8] ^= 0xFF  # inside the tensor data: safetensors itself still reads it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_falls_back_to_the_previous_valid_checkpoint(hopper_random_hdf5: Path, tmp_path: Path, capsys) -> None:
+    straight = tmp_path / "straight"
+    run_training(train_config(hopper_random_hdf5, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3"), straight)
+    run = tmp_path / "run"
+    run_training(train_config(hopper_random_hdf5, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3"), run)
+    shutil.rmtree(run / "checkpoint")
+    newest = run / "checkpoints" / "step_00000004" / "trainer_state.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-4] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    run_training(train_config(hopper_random_hdf5, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3"), run)
+    out = capsys.readouterr().out
+    assert "step_00000004/trainer_state.safetensors is corrupt" in out and "resuming" in out and "step 2" in out
+    a, b = weights(straight), weights(run)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_a_changed_dataset_file_is_refused_on_resume(hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data.hdf5"
+    shutil.copy(hopper_random_hdf5, data)
+    run = tmp_path / "run"
+    run_training(train_config(data, "train.steps=2", "train.checkpoint_every=2"), run)
+    from kinema.datasets import load_dataset, write_d4rl_hdf5
+
+    dataset = load_dataset(data)
+    dataset.rewards[:10] += 1.0
+    write_d4rl_hdf5(dataset, data)
+    with pytest.raises(ValueError, match=f"the dataset changed .*{data}"):
+        run_training(train_config(data, "train.steps=4"), run)
+
+
+def test_a_second_run_in_a_locked_run_directory_is_refused(hopper_random_hdf5: Path, tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from kinema.train.trainer import RUN_LOCK
+
+    tmp_path.mkdir(exist_ok=True)
+    with FileLock(str(tmp_path / RUN_LOCK)):  # another process's run, as far as this one can tell
+        with pytest.raises(ValueError, match=f"run directory {tmp_path} is in use"):
+            run_training(train_config(hopper_random_hdf5, "train.steps=2"), tmp_path)
+    run_training(train_config(hopper_random_hdf5, "train.steps=2"), tmp_path)  # released: the run goes ahead
