@@ -78,6 +78,15 @@ def report_user_errors(command: str) -> Callable[[Callable[[DictConfig], Any]], 
     return decorate
 
 
+def refuse_run_dir_that_is_a_file(command: str, argv: list[str] | None = None) -> None:
+    """``hydra.run.dir=<an existing file>`` ends in a traceback inside Hydra; say it plainly first."""
+    for argument in sys.argv[1:] if argv is None else argv:
+        key, sep, value = argument.partition("=")
+        if sep and key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and Path(value).expanduser().is_file():
+            print(f"{command}: error: {key.lstrip('+')}={value} is an existing file; it must name a directory", file=sys.stderr)
+            sys.exit(2)
+
+
 def to_plain(cfg: DictConfig | dict | None) -> dict:
     """A resolved plain dict of a config node (what checkpoints and policies receive)."""
     if cfg is None:

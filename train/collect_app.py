@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, report_user_errors, to_plain
+from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, refuse_run_dir_that_is_a_file, report_user_errors, to_plain
 
 LIST_FLAGS = ("--list", "-l")
 
@@ -148,6 +148,7 @@ def main() -> None:
             print(f"kinema-collect: error: {error}", file=sys.stderr)
             sys.exit(2)
         return
+    refuse_run_dir_that_is_a_file("kinema-collect")
     _hydra_main()
 
 

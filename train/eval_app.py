@@ -10,14 +10,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, register_configs, report_user_errors, to_plain
+from kinema.train.cli import (
+    CONFIG_DIR, HYDRA_VERSION_BASE, refuse_run_dir_that_is_a_file, register_configs, report_user_errors, to_plain,
+)
 
 register_configs()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=HYDRA_VERSION_BASE)
 @report_user_errors("kinema-eval")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     from kinema.envs import get_task
     from kinema.train.checkpoint import load_checkpoint
     from kinema.train.config import check_eval_settings
@@ -48,6 +50,12 @@ def main(cfg: DictConfig) -> float | None:
     print(f"kinema-eval: {policy.name} from {loaded.path} on {loaded.task}: {_describe(result)}")
     print(f"kinema-eval: wrote {run_dir / 'eval.json'}" + (f" and {video}" if video else ""))
     return result.get("normalized_score_mean")
+
+
+def main() -> None:
+    """The console script: checks Hydra cannot report cleanly, then the Hydra app."""
+    refuse_run_dir_that_is_a_file("kinema-eval")
+    _main()
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, register_configs, report_user_errors, to_plain
+from kinema.train.cli import (
+    CONFIG_DIR, HYDRA_VERSION_BASE, refuse_run_dir_that_is_a_file, register_configs, report_user_errors, to_plain,
+)
 
 register_configs()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=HYDRA_VERSION_BASE)
 @report_user_errors("kinema-train")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     from kinema.train.trainer import TrainingInterrupted, _describe, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -31,6 +33,12 @@ def main(cfg: DictConfig) -> float | None:
     print(f"kinema-train: run directory {run_dir} (eval.json, checkpoint/, learning_curve.png)")
     # Returned so Hydra sweepers can optimise it.
     return result.get("normalized_score_mean")
+
+
+def main() -> None:
+    """The console script: checks Hydra cannot report cleanly, then the Hydra app."""
+    refuse_run_dir_that_is_a_file("kinema-train")
+    _main()
 
 
 if __name__ == "__main__":

@@ -218,3 +218,12 @@ def test_eval_writes_a_video_that_follows_the_robot(cli, hopper_random_hdf5: Pat
     # The Hopper's orange-brown body (red well above blue) is in the last frame, near the middle.
     rows, cols = np.nonzero(last[..., 0].astype(int) - last[..., 2].astype(int) > 60)
     assert len(cols) > 500 and abs(cols.mean() / 848 - 0.5) < 0.2
+
+
+@pytest.mark.parametrize("command", ["kinema-train", "kinema-eval", "kinema-collect"])
+def test_a_run_directory_that_is_a_file_is_refused_by_name(cli, tmp_path: Path, command: str) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    proc = cli.run([cli.script(command), f"hydra.run.dir={existing}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and f"hydra.run.dir={existing} is an existing file" in proc.stderr
+    assert "Traceback" not in proc.stderr and existing.read_text() == "mine"
