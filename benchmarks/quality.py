@@ -31,12 +31,16 @@ What a number was computed with: each cell's ``cell.json`` records the sha256 of
 resolved trainer config (canonical JSON: sorted keys, no spaces; the keys in
 ``UNHASHED`` change how a cell runs, not what it computes, and are left out), the config
 itself, and the git commit the cell started at. A cell whose recorded hash differs from the
-config the grid would run now is re-run (its old results are removed) instead of silently
-keeping the old number. A cell is *stale* when its commit is older than the last commit
-touching its family's code (the modules of the family, and the kinema modules they import,
-transitively) or the trainer (``train/``): ``--status`` reports it, the aggregate flags it,
-and ``--rerun-stale`` re-runs it. Cells finished before cells recorded a hash are kept and
-reported as "unverified (no config hash)"; ``--rerun-stale`` re-runs them too.
+config the grid would run now is re-run instead of silently keeping the old number. A cell
+is *stale* when its commit is older than the last commit touching its family's code (the
+modules of the family, and the kinema modules they import, transitively) or the trainer
+(``train/``): ``--status`` reports it, the aggregate flags it, and ``--rerun-stale`` re-runs
+it. Cells finished before cells recorded a hash are kept and reported as "unverified (no
+config hash)"; ``--rerun-stale`` re-runs them too. A re-run of a finished cell trains in
+``<cell>/rerun/`` and replaces the cell's results only once it is complete: until then, and
+for good if it fails or is killed, the old eval.json, trials.json, cell.json and final
+checkpoint stay in place (flagged as before; a failure is noted in the state and in
+error.txt), and the next re-run resumes in ``rerun/``.
 
 Protocol (recorded in quality.json): the same budget for every policy: ``--steps`` gradient
 steps of batch ``--batch-size``, each family with its own recipe (``policy.recipe``), a
@@ -102,10 +106,14 @@ VARIANTS = {
 }
 WARMUP_FRACTION = 0.1  # a recipe's warm-up, if it has one, is 10% of the budget (DT: 10k of 100k steps)
 EVAL_JSON, TRIALS_JSON, CELL_JSON, DATASET_JSON, LOCK = "eval.json", "trials.json", "cell.json", "dataset.json", ".lock"
-RESULT_FILES = (EVAL_JSON, TRIALS_JSON, CELL_JSON, "error.txt")
+ERROR_TXT = "error.txt"
+RESULT_FILES = (EVAL_JSON, TRIALS_JSON, CELL_JSON, ERROR_TXT)
+RESULT_FOLDERS = ("checkpoints", "checkpoint")
+RERUN_DIR = "rerun"  # where a finished cell is re-run, beside its results until the new ones are complete
 RUNS_GITIGNORE = (
     "# Only the small result files of each cell are committed.\n*\n!*/\n!.gitignore\n"
     "!eval.json\n!trials.json\n!cell.json\n!dataset.json\n"
+    f"# An unfinished re-run of a cell.\n{RERUN_DIR}/\n"
 )
 # Keys of a cell's trainer config that decide how it runs, not what it computes: not hashed,
 # so a second worker with other threads or checkpoint spacing shares the grid.
@@ -375,20 +383,22 @@ def cell_state(run_dir: Path, policy: str, expected_hash: str | None, needs_tria
     evaluated = (run_dir / EVAL_JSON).is_file()
     worker = lock_owner(run_dir)
     worker = None if worker == os.getpid() else worker  # another worker's, not this one's claim
+    # A finished cell with an error.txt kept its results through a failed re-run.
+    failed = "; its last re-run failed (see error.txt)" if evaluated and (run_dir / ERROR_TXT).is_file() else ""
     if evaluated and record is None:
-        return CellState(f"done, {UNVERIFIED}", ["unverified"])
+        return CellState(f"done, {UNVERIFIED}{failed}", ["unverified"])
     if record is not None and expected_hash is not None and record.get("config_sha256") != expected_hash:
         if worker is not None:
             return CellState(f"running (pid {worker}) with another config")
-        return CellState("config changed (re-run on the next run)", ["config_changed"])
+        return CellState(f"config changed (re-run on the next run){failed}", ["config_changed"])
     if evaluated and not (needs_trials and not (run_dir / TRIALS_JSON).is_file()):
         reason = history.stale_reason(family_of(policy), (record or {}).get("git_commit"))
         if reason:
-            return CellState(f"done, stale ({reason})", ["stale"])
+            return CellState(f"done, stale ({reason}){failed}", ["stale"])
         return CellState("done")
     if worker is not None:
         return CellState(f"running (pid {worker})")
-    if (run_dir / "error.txt").is_file():
+    if (run_dir / ERROR_TXT).is_file():
         return CellState("failed (see error.txt); retried on the next run")
     if (run_dir / "checkpoints").is_dir() or evaluated:
         return CellState("interrupted (resumes where it stopped)")
@@ -399,8 +409,26 @@ def clear_cell(run_dir: Path) -> None:
     """Remove a cell's results and checkpoints so it trains from scratch."""
     for name in RESULT_FILES:
         (run_dir / name).unlink(missing_ok=True)
-    for folder in ("checkpoints", "checkpoint"):
+    for folder in (*RESULT_FOLDERS, RERUN_DIR):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
+def promote_rerun(run_dir: Path) -> None:
+    """A complete re-run replaces the cell's results: everything in ``rerun/`` moves up, the old results go."""
+    work_dir = run_dir / RERUN_DIR
+    for name in RESULT_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in RESULT_FOLDERS:
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    for item in sorted(work_dir.iterdir()):
+        if item.name == LOCK:
+            item.unlink()  # the cell's lock is the one in run_dir
+            continue
+        target = run_dir / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    work_dir.rmdir()
 
 
 # -- one cell ------------------------------------------------------------------------------------
@@ -423,44 +451,63 @@ def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
     write_json(out, info)
 
 
-def prepare_cell(run_dir: Path, policy: str, cfg: dict[str, Any], digest: str, state: CellState) -> str | None:
-    """Clear a cell that must be re-run and record the config it runs; returns why it was cleared."""
+def prepare_cell(run_dir: Path, policy: str, cfg: dict[str, Any], digest: str, state: CellState) -> tuple[Path, str | None]:
+    """Where the cell trains, and why it is re-run (None: a first run or a resumed one).
+
+    A cell with results is re-run in ``rerun/`` (resumed there if an earlier re-run of the
+    same config was cut short), so its results stay until the new ones are complete; a
+    cell without results is cleared. The config the cell runs is recorded in its cell.json.
+    """
     record = read_json(run_dir / CELL_JSON)
     why = None
     if "config_changed" in state.flags and record is not None:
         keys = changed_keys(record.get("config") or {}, json.loads(json.dumps(cfg)))
         why = "config changed" + (f" ({', '.join(keys)})" if keys else "")
     elif state.finished and state.flags:  # stale or unverified, re-run on request
-        why = state.state.removeprefix("done, ")
-    if why:
+        why = state.state.removeprefix("done, ").split("; ")[0]
+    work_dir = run_dir
+    if why and (run_dir / EVAL_JSON).is_file():
+        work_dir = run_dir / RERUN_DIR
+        record = read_json(work_dir / CELL_JSON)
+        if record is None or record.get("config_sha256") != digest:
+            shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: start the re-run afresh
+            record = None
+        work_dir.mkdir(exist_ok=True)
+    elif why:
         clear_cell(run_dir)
         record = None
     if record is None:  # the commit the cell starts at: a resumed cell keeps its first (oldest) one
-        write_json(run_dir / CELL_JSON, {"policy": policy, "family": family_of(policy), "config_sha256": digest,
-                                         "git_commit": git_commit(), "unhashed": list(UNHASHED), "config": cfg})
-    return why
+        write_json(work_dir / CELL_JSON, {"policy": policy, "family": family_of(policy), "config_sha256": digest,
+                                          "git_commit": git_commit(), "unhashed": list(UNHASHED), "config": cfg})
+    return work_dir, why
 
 
-def run_cell(policy: str, run_dir: Path, cfg: dict[str, Any], args: argparse.Namespace) -> str:
-    """Train and evaluate one cell (resuming if it was interrupted); returns what was done."""
+def run_cell(policy: str, run_dir: Path, cfg: dict[str, Any], args: argparse.Namespace, work_dir: Path | None = None) -> str:
+    """Train and evaluate one cell in ``work_dir`` (default: the cell's own directory; resuming if
+    it was interrupted); a re-run's ``work_dir`` replaces the cell's results once complete.
+    Returns what was done."""
     from kinema.train.trainer import run_training
 
+    work_dir = work_dir or run_dir
     done = []
     describe_dataset(cfg, run_dir.parent.parent / DATASET_JSON)
-    if not (run_dir / EVAL_JSON).is_file():
+    if not (work_dir / EVAL_JSON).is_file():
         start = time.perf_counter()
-        result = run_training(cfg, run_dir)
+        result = run_training(cfg, work_dir)
         elapsed = time.perf_counter() - start
         # The trainer's eval.json plus how long this session spent on the cell.
         result["quality_cell_wall_s"] = round(elapsed, 1)
-        write_json(run_dir / EVAL_JSON, result)
+        write_json(work_dir / EVAL_JSON, result)
         done.append(f"trained+evaluated in {elapsed / 60:.1f} min")
-    if plays_trials(policy) and args.trials > 1 and not (run_dir / TRIALS_JSON).is_file():
-        trials = run_trials(run_dir, args)
+    if plays_trials(policy) and args.trials > 1 and not (work_dir / TRIALS_JSON).is_file():
+        trials = run_trials(work_dir, args)
         if trials is not None:
             done.append(f"{args.trials} trials")
     # Finished: the resume checkpoints (optimiser state) are dead weight; checkpoint/ keeps the final policy.
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    if work_dir != run_dir:
+        promote_rerun(run_dir)
+        done.append("replaced the previous result")
     return ", ".join(done) or "already done"
 
 
@@ -742,14 +789,15 @@ def run_grid(record: RunRecord, results_dir: Path, grid: Grid) -> None:
             state = grid.state(seed, dataset, policy, digest)  # another worker may have finished it meanwhile
             if state.finished and not (grid.args.rerun_stale and state.flags):
                 continue
-            cleared = prepare_cell(run_dir, policy, cfg, digest, state)
-            print(f"{label}: starting" + (f" again: {cleared}" if cleared else ""), flush=True)
-            outcome = run_cell(policy, run_dir, cfg, grid.args)
-            (run_dir / "error.txt").unlink(missing_ok=True)
+            work_dir, why = prepare_cell(run_dir, policy, cfg, digest, state)
+            print(f"{label}: starting" + (f" again: {why}" if why else ""), flush=True)
+            outcome = run_cell(policy, run_dir, cfg, grid.args, work_dir)
+            (run_dir / ERROR_TXT).unlink(missing_ok=True)
             print(f"{label}: {outcome}", flush=True)
         except Exception as error:  # one broken cell must not stop the grid; it is retried next time
-            (run_dir / "error.txt").write_text(traceback.format_exc())
-            print(f"{label}: FAILED: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            (run_dir / ERROR_TXT).write_text(traceback.format_exc())
+            kept = " (its previous result is kept)" if (run_dir / RERUN_DIR).is_dir() and (run_dir / EVAL_JSON).is_file() else ""
+            print(f"{label}: FAILED{kept}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         finally:
             release(run_dir)
         write_aggregate(record, results_dir, grid)

@@ -2,10 +2,22 @@
 
 Nothing large is committed. ``datasets/behaviour_policies/<task>/`` holds the PPO actor
 snapshots (safetensors + JSON) and ``datasets/suite.json`` the manifest: for every
-dataset its size, seed, return statistics, reference returns and the sha256 of the file
-that regeneration produces at the default size. ``ensure_suite_dataset`` regenerates a
-missing file into ``$KINEMA_DATA`` (default ``~/.cache/kinema/datasets``) and refuses a
-file whose checksum does not match.
+dataset its size, seed, return statistics, reference returns, the sha256 of the file
+that regeneration produced at the default size on the machine that built the manifest, and
+a content digest of what kinema trains and evaluates from. ``ensure_suite_dataset``
+regenerates a missing file into ``$KINEMA_DATA`` (default ``~/.cache/kinema/datasets``)
+and refuses a file that matches neither (see ``verify_dataset_file``).
+
+What regeneration reproduces exactly, and what not: with the recorded library versions,
+observations, actions, rewards, terminals, timeouts, next_observations (float32 / bool)
+and the metadata come out the same on CPUs with other vector units (checked: AVX2 against
+the manifest's AVX-512). ``infos/qpos`` and ``infos/qvel`` are
+MuJoCo's float64 state, and MuJoCo's float64 arithmetic differs between CPU vector units
+(AVX2 vs AVX-512) in the last bits, so the file's bytes, and its sha256, can differ while
+every array a policy sees is identical. Where a task's dynamics amplify those bits until an
+episode changes (walker2d-medium-replay, -expert and -medium-expert, regenerated on AVX2),
+the arrays differ too: such a file is refused, and the manifest holds no content digest for
+those three (none could be checked against the manifest's statistics).
 
 The datasets of a task (D4RL's protocol on Gymnasium MuJoCo v5):
 
@@ -45,13 +57,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import h5py
 import numpy as np
 
 from kinema.envs import get_task
 
 from .behaviour import COMMITTED_POLICIES_DIR, committed_policies, load_committed_actor
 from .collect import UniformRandomPolicy, collect, episode_returns
-from .d4rl_io import read_d4rl_hdf5, write_d4rl_hdf5
+from .d4rl_io import _read_infos, _read_metadata, read_d4rl_hdf5, write_d4rl_hdf5
 from .errors import DatasetError
 from .store import OfflineDataset, concatenate
 
@@ -68,6 +81,11 @@ SIZES = ("default", "full")
 COLLECTION_SEEDS = {"random": 0, "medium": 1, "medium-replay": 2, "expert": 3}
 REFERENCE_EPISODES = 100
 REFERENCE_SEEDS = {"random": 100, "expert": 101}
+MANIFEST_NOTE = (
+    "sha256 is of the file regenerated at the manifest's size on the machine that built it; content_sha256 covers "
+    "the arrays kinema trains on and the metadata, identical on every CPU with the recorded libraries; infos/* "
+    "(MuJoCo's float64 state) may differ across CPUs in the last bits and are checked against infos_sums"
+)
 
 
 def data_dir(directory: str | os.PathLike | None = None) -> Path:
@@ -133,7 +151,10 @@ def _entry(name: str, manifest: dict[str, Any], manifest_path: Path) -> dict[str
 
 
 def library_versions() -> dict[str, str]:
-    """Versions that decide the bytes of a regenerated file (recorded in the manifest)."""
+    """Versions, and the CPU's vector unit, that decide the bytes of a regenerated file (recorded in the manifest).
+
+    MuJoCo's float64 arithmetic differs in the last bits between vector units (AVX2, AVX-512):
+    infos/* then differ, and in a chaotic task whole episodes can."""
     import gymnasium
     import h5py
     import mujoco
@@ -142,7 +163,7 @@ def library_versions() -> dict[str, str]:
     return {
         "mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__, "numpy": np.__version__,
         "torch": torch.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version,
-        "python": ".".join(map(str, sys.version_info[:2])),
+        "python": ".".join(map(str, sys.version_info[:2])), "cpu": torch.backends.cpu.get_cpu_capability(),
     }
 
 
@@ -252,19 +273,135 @@ def dataset_path(name: str, size: str | int = "default", directory: str | os.Pat
     return data_dir(directory) / f"{name}{suffix}.hdf5"
 
 
-def verify_checksum(path: Path, expected: str, name: str, manifest_path: Path, regenerated: bool) -> None:
+# ---------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------
+
+# The arrays kinema trains and evaluates from, in the order the content digest takes them.
+CONTENT_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+# infos/* are compared by per-column sums: a column's sum and abs-sum must be within this
+# share of its recorded abs-sum. Measured between AVX2 and AVX-512 on the embedded slice of
+# hopper-medium-replay: values differ by up to 4e-14 (4e-11 relative, near zero), column sums
+# by 3e-16 of the abs-sum. Hashing infos rounded to float32 instead would not be robust: a last-bit
+# difference still flips a float32 rounding now and then.
+INFOS_RTOL = 1e-9
+
+
+def _part_digest(header: str, payload: bytes = b"") -> str:
+    return hashlib.sha256(header.encode() + b"\n" + payload).hexdigest()
+
+
+def _array_digest(key: str, array: np.ndarray | None) -> str:
+    if array is None:
+        return _part_digest(f"{key} absent")
+    little_endian = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return _part_digest(f"{key} {little_endian.dtype.str} {list(array.shape)}", little_endian.tobytes())
+
+
+def _column_sums(array: np.ndarray) -> dict[str, Any]:
+    columns = np.asarray(array, dtype=np.float64).reshape(len(array), -1)
+    return {"dtype": array.dtype.str, "shape": list(array.shape),
+            "sum": columns.sum(axis=0).tolist(), "abs_sum": np.abs(columns).sum(axis=0).tolist()}
+
+
+def _fingerprint(path: Path) -> tuple[dict[str, Any], int]:
+    """The manifest's content record of the file at ``path``, and its number of transitions."""
+    with h5py.File(path, "r") as file:
+        arrays = {key: file[key][()] if key in file else None for key in CONTENT_KEYS}
+        infos = _read_infos(file["infos"], str(path)) if "infos" in file else {}
+        metadata = _read_metadata(file["metadata"]) if "metadata" in file else {}
+    parts = {key: _array_digest(key, arrays[key]) for key in CONTENT_KEYS}
+    parts["metadata"] = _part_digest("metadata", json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode())
+    record = {
+        "content_sha256": _part_digest("".join(f"{key} {digest}\n" for key, digest in parts.items())),
+        "content_parts": parts,
+        "infos_sums": {key: _column_sums(value) for key, value in sorted(infos.items())},
+    }
+    observations = arrays["observations"]
+    return record, len(observations) if observations is not None else 0
+
+
+def content_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What the manifest records of a dataset file besides its sha256.
+
+    ``content_sha256``: one digest of the arrays in CONTENT_KEYS as stored (name, dtype,
+    shape and bytes of each, in that order) and of the metadata (canonical JSON);
+    ``content_parts``: the digest of each of those, to say which one differs;
+    ``infos_sums``: dtype, shape and per-column sum and abs-sum of every ``infos/*`` array.
+    """
+    return _fingerprint(Path(path))[0]
+
+
+def _infos_differences(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in sorted(set(recorded) | set(actual)):
+        if key not in actual or key not in recorded:
+            problems.append(f"infos/{key} is {'missing from the file' if key not in actual else 'not in the manifest'}")
+            continue
+        want, got = recorded[key], actual[key]
+        if (want["dtype"], want["shape"]) != (got["dtype"], got["shape"]):
+            problems.append(f"infos/{key} is {got['dtype']} {tuple(got['shape'])}, expected {want['dtype']} {tuple(want['shape'])}")
+            continue
+        scale = np.asarray(want["abs_sum"])
+        for what in ("sum", "abs_sum"):
+            off = ~(np.abs(np.asarray(got[what]) - np.asarray(want[what])) <= INFOS_RTOL * scale)  # NaN is off
+            for column in np.flatnonzero(off)[:3]:
+                problems.append(f"infos/{key} column {column} {what} is {got[what][column]!r}, expected {want[what][column]!r} "
+                                f"(tolerance {INFOS_RTOL:g} of the column's abs-sum)")
+    return problems
+
+
+def _content_mismatch(path: Path, entry: dict[str, Any]) -> str | None:
+    """None when the file's content matches the manifest entry, else what differs (with both digests)."""
+    expected = entry.get("content_sha256")
+    if expected is None:
+        return "the manifest records no content digest for it, so only the file's sha256 can be checked"
+    try:
+        record, transitions = _fingerprint(path)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+        # h5py reports truncated or corrupt files as OSError/RuntimeError/KeyError.
+        return (f"its content cannot be read as a D4RL-layout HDF5 file (truncated or corrupt?): {error}; "
+                f"the manifest's content digest is {expected}")
+    problems = []
+    if transitions != entry.get("transitions", transitions):
+        problems.append(f"it has {transitions:,} transitions, expected {entry['transitions']:,}")
+    recorded_parts = entry.get("content_parts", {})
+    problems += [f"{key} differ{'s' if key == 'metadata' else ''}" for key, digest in record["content_parts"].items()
+                 if recorded_parts.get(key) not in (None, digest)]
+    if record["content_sha256"] != expected and not problems:
+        problems.append("the content digest differs")
+    problems += _infos_differences(entry.get("infos_sums", {}), record["infos_sums"])
+    if not problems:
+        return None
+    return f"its content digest is {record['content_sha256']}, the manifest's {expected}: {'; '.join(problems)}"
+
+
+def verify_dataset_file(path: Path, entry: dict[str, Any], name: str, manifest_path: Path, regenerated: bool) -> str:
+    """Which check the file at ``path`` passes against its manifest ``entry``, else DatasetError.
+
+    "sha256": the file is the one the manifest was built from, bit for bit. "content": its
+    sha256 differs, but the arrays kinema trains and evaluates from and the metadata have
+    the manifest's content digest, and ``infos/*`` are within INFOS_RTOL of the recorded
+    sums (the file was regenerated on a CPU whose float64 arithmetic differs in the last
+    bits). The error names the file, both digests of each kind and what differs.
+    """
     actual = sha256_of_file(path)
+    expected = entry["sha256"]
     if actual == expected:
-        return
+        return "sha256"
+    mismatch = _content_mismatch(path, entry)
+    if mismatch is None:
+        return "content"
     if regenerated:
         raise DatasetError(
-            f"{path}: regenerated {name} has sha256 {actual}, but the suite manifest {manifest_path} expects {expected}. "
-            f"Regeneration is deterministic only with the library versions the manifest records under 'libraries' "
-            f"(yours: {library_versions()}); the file was kept for inspection."
+            f"{path}: regenerated {name} has sha256 {actual}, but the suite manifest {manifest_path} expects {expected}; "
+            f"{mismatch}. Regeneration is deterministic only with the library versions and the CPU vector unit the "
+            f"manifest records under 'libraries' (yours: {library_versions()}); the file was kept for inspection."
         )
     raise DatasetError(
         f"{path}: sha256 {actual} does not match the suite manifest {manifest_path} for {name} (expected {expected}); "
-        f"the file was modified or truncated. Delete it and kinema regenerates it on next use."
+        f"{mismatch}. The file was modified or truncated (or made with other libraries or another CPU vector unit than "
+        f"the manifest's 'libraries'): delete it and kinema regenerates it on next use."
     )
 
 
@@ -276,10 +413,12 @@ def ensure_suite_dataset(
     progress: bool = True,
     policies_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Path of suite dataset ``name``, regenerated first if absent; checksum verified.
+    """Path of suite dataset ``name``, regenerated first if absent; verified against the manifest.
 
-    Raises DatasetError (naming the file, expected and actual sha256) when the file does
-    not match the manifest. Full-size files have no pinned checksum and are not verified.
+    Accepted when its sha256 matches, or its content digest does with infos/* within
+    tolerance (``verify_dataset_file``; the second case is reported on stderr). Raises
+    DatasetError naming the file, both digests and what differs otherwise. Full-size
+    files have no pinned checksum and are not verified.
     """
     manifest_path = Path(manifest_path) if manifest_path is not None else SUITE_MANIFEST
     manifest = load_manifest(manifest_path)
@@ -308,7 +447,12 @@ def ensure_suite_dataset(
         write_d4rl_hdf5(dataset, path)
         print(f"kinema: generated {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     if size == "default":
-        verify_checksum(path, entry["sha256"], name, manifest_path, regenerated)
+        check = verify_dataset_file(path, entry, name, manifest_path, regenerated)
+        if check == "content":
+            print(f"kinema: {name}: verified by content digest {entry['content_sha256'][:12]} (the arrays kinema trains on "
+                  f"and the metadata are the manifest's; float64 infos/* within {INFOS_RTOL:g} of its sums); the file's "
+                  f"sha256 differs from the manifest's {entry['sha256'][:12]}, as expected on a CPU whose float64 "
+                  f"arithmetic differs from the building machine's", file=sys.stderr, flush=True)
     return path
 
 
@@ -369,7 +513,7 @@ def build_manifest(
         raise FileNotFoundError(f"{policies_root}: no committed behaviour policies; train and export them first")
     manifest.update(
         default_transitions=DEFAULT_TRANSITIONS, full_transitions=FULL_TRANSITIONS, libraries=library_versions(),
-        note="sha256 is of the file regenerated at the manifest's size; regeneration is bit-exact with the recorded libraries",
+        note=MANIFEST_NOTE,
     )
     manifest["size"] = size
     for task in tasks:
@@ -406,7 +550,7 @@ def build_manifest(
                 "behaviour_training_steps": dataset.metadata["behaviour_training_steps"],
                 "collection_seed": dataset.metadata["collection_seed"],
                 "size_bytes": path.stat().st_size, "regeneration_s": round(elapsed, 1),
-                "sha256": sha256_of_file(path),
+                "sha256": sha256_of_file(path), **content_record(path),
             }
             log(f"[{name}] {summary['transitions']} transitions, {summary['episodes']} episodes, "
                 f"return {summary['return_mean']:.1f} [{summary['return_min']:.1f}, {summary['return_max']:.1f}], {elapsed:.0f} s")
@@ -456,7 +600,7 @@ def make_embedded_dataset(
     summary = sliced.summary()
     record = {"file": f"embedded/{output.name}", "slice_of": EMBEDDED_SOURCE, "slice_rule": metadata["slice_rule"],
               **{key: summary[key] for key in ("transitions", "episodes", "return_mean", "return_min", "return_max")},
-              "size_bytes": output.stat().st_size, "sha256": sha256_of_file(output)}
+              "size_bytes": output.stat().st_size, "sha256": sha256_of_file(output), **content_record(output)}
     manifest = load_manifest(manifest_path)
     manifest["embedded"] = record
     _write_manifest(manifest, manifest_path)

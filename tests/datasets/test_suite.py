@@ -1,4 +1,4 @@
-"""The benchmark suite: deterministic regeneration, the manifest checksum check, the shipped suite."""
+"""The benchmark suite: deterministic regeneration, verification against the manifest, the shipped suite."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 
 from kinema.datasets.behaviour import _make_training_env, _new_model, committed_policies, load_committed_actor, save_actor
-from kinema.datasets.d4rl_io import read_d4rl_hdf5
+from kinema.datasets.d4rl_io import read_d4rl_hdf5, write_d4rl_hdf5
 from kinema.datasets.errors import DatasetError
 from kinema.datasets.suite import (
-    KINDS, SUITE_MANIFEST, build_manifest, embedded_dataset_path, ensure_suite_dataset, generate_dataset, load_manifest,
-    sha256_of_file,
+    INFOS_RTOL, KINDS, SUITE_MANIFEST, build_manifest, content_record, embedded_dataset_path, ensure_suite_dataset,
+    generate_dataset, load_manifest, sha256_of_file, verify_dataset_file,
 )
 from kinema.envs import get_task
 
 SMALL = 300  # transitions per collected dataset in these tests
-MANIFEST_KEYS = ("transitions", "episodes", "return_mean", "return_min", "return_max", "ref_min_score", "ref_max_score", "sha256")
+MANIFEST_KEYS = ("transitions", "episodes", "return_mean", "return_min", "return_max", "ref_min_score", "ref_max_score", "sha256",
+                 "content_sha256", "content_parts", "infos_sums")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,8 @@ def test_manifest_records_every_dataset(small_suite) -> None:
     for name, entry in manifest["datasets"].items():
         for key in MANIFEST_KEYS:
             assert key in entry, (name, key)
-        assert len(entry["sha256"]) == 64
+        assert len(entry["sha256"]) == 64 and len(entry["content_sha256"]) == 64
+        assert entry["infos_sums"]["qpos"]["dtype"] == "<f8" and len(entry["infos_sums"]["qvel"]["sum"]) == 6
     assert manifest["datasets"]["hopper-medium-expert"]["transitions"] == 2 * SMALL
     refs = manifest["tasks"]["hopper"]
     assert refs["ref_episodes"] == 100 and refs["d4rl_ref_max"] == 3234.3
@@ -99,20 +101,82 @@ def test_a_tampered_file_is_refused(small_suite, tmp_path) -> None:
         ensure_suite_dataset("hopper-random", cache, manifest_path=manifest_path)
     message = str(error.value)
     assert str(path) in message and expected in message and sha256_of_file(path) in message
-    assert "does not match" in message and "Delete it" in message
+    assert "does not match" in message and "delete it" in message
+    entry = load_manifest(manifest_path)["datasets"]["hopper-random"]
+    assert entry["content_sha256"] in message and content_record(path)["content_sha256"] in message
+    assert "rewards differ" in message and "observations differ" not in message
     path.unlink()  # deleting it is the cure: regenerated, verified
     assert sha256_of_file(ensure_suite_dataset("hopper-random", cache, manifest_path=manifest_path)) == expected
 
 
 def test_regeneration_that_differs_from_the_manifest_is_reported(small_suite, tmp_path) -> None:
     manifest = load_manifest(small_suite[0])
-    manifest["datasets"]["hopper-random"]["sha256"] = "0" * 64
+    entry = manifest["datasets"]["hopper-random"]
+    entry["sha256"] = entry["content_sha256"] = entry["content_parts"]["actions"] = "0" * 64
     manifest_path = tmp_path / "suite.json"
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(DatasetError, match="regenerated hopper-random has sha256 .* library versions"):
+    with pytest.raises(DatasetError, match="regenerated hopper-random has sha256 .*actions differ.* library versions"):
         ensure_suite_dataset("hopper-random", tmp_path / "cache", manifest_path=manifest_path, progress=False)
     with pytest.raises(DatasetError, match="'hopper-nope' is not in the suite manifest"):
         ensure_suite_dataset("hopper-nope", tmp_path / "cache", manifest_path=manifest_path)
+
+
+def cached_copy(small_suite, name: str, cache: Path) -> tuple[Path, Path]:
+    """(manifest path, a copy of the built file ``name`` in ``cache``) to edit."""
+    manifest_path, built = small_suite
+    cache.mkdir(exist_ok=True)
+    path = cache / f"{name}.hdf5"
+    shutil.copyfile(built / f"{name}.hdf5", path)
+    return manifest_path, path
+
+
+def nudge_last_bits(path: Path, key: str) -> None:
+    """What another CPU's float64 arithmetic does to MuJoCo's state: some values one ulp off."""
+    with h5py.File(path, "r+") as file:
+        values = file[key][()]
+        values[::7] = np.nextafter(values[::7], np.inf)
+        values[3::11] = np.nextafter(values[3::11], -np.inf)
+        file[key][...] = values
+
+
+def test_infos_that_differ_in_the_last_bits_pass_by_content(small_suite, tmp_path, capsys) -> None:
+    manifest_path, path = cached_copy(small_suite, "hopper-medium-replay", tmp_path / "cache")
+    nudge_last_bits(path, "infos/qpos")
+    nudge_last_bits(path, "infos/qvel")
+    entry = load_manifest(manifest_path)["datasets"]["hopper-medium-replay"]
+    assert sha256_of_file(path) != entry["sha256"] and content_record(path)["content_sha256"] == entry["content_sha256"]
+    assert ensure_suite_dataset("hopper-medium-replay", path.parent, manifest_path=manifest_path) == path
+    assert "hopper-medium-replay: verified by content digest " + entry["content_sha256"][:12] in capsys.readouterr().err
+    assert verify_dataset_file(path, entry, "hopper-medium-replay", manifest_path, regenerated=False) == "content"
+    shutil.copyfile(small_suite[1] / "hopper-medium-replay.hdf5", path)
+    assert verify_dataset_file(path, entry, "hopper-medium-replay", manifest_path, regenerated=False) == "sha256"
+
+
+@pytest.mark.parametrize("change, differs", [
+    ("observation", "observations differ"),
+    ("reward", "rewards differ"),
+    ("qpos", "infos/qpos column 2 sum"),
+    ("truncated", "cannot be read"),
+    ("fewer transitions", "transitions, expected"),
+])
+def test_a_changed_or_truncated_file_is_refused_naming_what_differs(small_suite, tmp_path, change, differs) -> None:
+    manifest_path, path = cached_copy(small_suite, "hopper-medium-replay", tmp_path / "cache")
+    entry = load_manifest(manifest_path)["datasets"]["hopper-medium-replay"]
+    if change == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif change == "fewer transitions":
+        dataset = read_d4rl_hdf5(path)
+        write_d4rl_hdf5(dataset.select_episodes(np.arange(dataset.num_episodes - 1)), path)
+    else:
+        key, index = {"observation": ("observations", (5, 0)), "reward": ("rewards", 5), "qpos": ("infos/qpos", (5, 2))}[change]
+        with h5py.File(path, "r+") as file:
+            file[key][index] = file[key][index] + 1e-3
+    with pytest.raises(DatasetError) as error:
+        ensure_suite_dataset("hopper-medium-replay", path.parent, manifest_path=manifest_path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: sha256 {sha256_of_file(path)} does not match")
+    assert entry["sha256"] in message and entry["content_sha256"] in message and differs in message
+    assert "delete it" in message
 
 
 def test_small_generation_matches_twice_in_memory(policies_root) -> None:
@@ -131,7 +195,7 @@ def test_cli_regenerates_and_verifies(cli, small_suite, tmp_path) -> None:
     args = [cli.script("kinema-collect"), "dataset=hopper-random", f"manifest={manifest_path}", f"data_dir={tmp_path}",
             f"hydra.run.dir={tmp_path / 'run'}"]
     proc = cli.run(args, cwd=tmp_path)
-    assert "sha256 verified" in proc.stdout and (tmp_path / "hopper-random.hdf5").is_file()
+    assert "verified against the manifest" in proc.stdout and (tmp_path / "hopper-random.hdf5").is_file()
     with h5py.File(tmp_path / "hopper-random.hdf5", "r+") as file:
         file["actions"][0, 0] = 0.123
     refused = cli.run(args, cwd=tmp_path, check=False)
@@ -139,6 +203,11 @@ def test_cli_regenerates_and_verifies(cli, small_suite, tmp_path) -> None:
 
 
 # -- the suite shipped in the repository ------------------------------------------------------
+
+
+# Regenerated on AVX2 these have other episodes than the manifest's (AVX-512) files, so their
+# content digest could not be recorded from a regeneration checked against the manifest.
+WITHOUT_CONTENT_DIGEST = {"walker2d-medium-replay", "walker2d-expert", "walker2d-medium-expert"}
 
 
 def shipped_manifest() -> dict:
@@ -152,7 +221,10 @@ def test_shipped_manifest_entries_and_policies() -> None:
         for kind in KINDS:
             entry = manifest["datasets"][f"{task}-{kind}"]
             for key in MANIFEST_KEYS:
-                assert key in entry, (task, kind, key)
+                if f"{task}-{kind}" not in WITHOUT_CONTENT_DIGEST or not key.startswith(("content", "infos")):
+                    assert key in entry, (task, kind, key)
+    assert {name for name, entry in manifest["datasets"].items() if "content_sha256" not in entry} == WITHOUT_CONTENT_DIGEST
+    for task in manifest["tasks"]:
         policies = committed_policies(task)
         for snapshot in [policies["expert"], policies["medium"], *policies["replay"]]:
             load_committed_actor(task, snapshot["snapshot"])  # loads, and fits the task's spaces
@@ -179,3 +251,22 @@ def test_embedded_dataset_is_the_recorded_slice() -> None:
     assert dataset.metadata["slice_of"] == "hopper-medium-replay"
     assert dataset.reference_returns == (shipped_manifest()["tasks"]["hopper"]["ref_min_score"],
                                          shipped_manifest()["tasks"]["hopper"]["ref_max_score"])
+    assert verify_dataset_file(path, record, "the embedded slice", SUITE_MANIFEST, regenerated=False) == "sha256"
+
+
+def test_shipped_manifest_verifies_an_edited_copy_of_the_embedded_slice(tmp_path) -> None:
+    """The real file: float64 infos off by an ulp pass by content; a changed action does not."""
+    record = shipped_manifest()["embedded"]
+    copy = tmp_path / "slice.hdf5"
+    shutil.copyfile(embedded_dataset_path(), copy)
+    nudge_last_bits(copy, "infos/qvel")
+    assert verify_dataset_file(copy, record, "the embedded slice", SUITE_MANIFEST, regenerated=False) == "content"
+    with h5py.File(copy, "r+") as file:
+        file["infos/qpos"][0, 0] += 1e6 * INFOS_RTOL * abs(file["infos/qpos"][:, 0]).sum()
+    with pytest.raises(DatasetError, match="infos/qpos column 0 sum"):
+        verify_dataset_file(copy, record, "the embedded slice", SUITE_MANIFEST, regenerated=False)
+    shutil.copyfile(embedded_dataset_path(), copy)
+    with h5py.File(copy, "r+") as file:
+        file["actions"][10, 1] = -file["actions"][10, 1]
+    with pytest.raises(DatasetError, match=r"slice.hdf5: sha256 .* actions differ"):
+        verify_dataset_file(copy, record, "the embedded slice", SUITE_MANIFEST, regenerated=False)

@@ -1,0 +1,64 @@
+"""A re-run of a finished quality cell keeps its previous result until the new one is complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kinema.benchmarks import quality
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def grid(out: Path, data: Path, *extra: str) -> dict:
+    return quality.main(["--quick", "--policies", "bc", "--dataset-path", f"tiny={data}", "--results-dir", str(out), *extra])
+
+
+def test_a_failing_or_interrupted_rerun_keeps_the_previous_result(hopper_random_hdf5, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "results"
+    grid(out, hopper_random_hdf5)
+    cell = out / "quality_runs" / "tiny" / "bc" / "seed0"
+    root = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.split()[-1]
+    stale = dict(json.loads((cell / "cell.json").read_text()), git_commit=root)  # its code changed since
+    (cell / "cell.json").write_text(json.dumps(stale))
+    previous = dict(json.loads((cell / "eval.json").read_text()), marker="previous result")
+    (cell / "eval.json").write_text(json.dumps(previous))
+
+    from kinema.train import trainer
+
+    def broken(cfg, run_dir):
+        (Path(run_dir) / "metrics.jsonl").write_text("{}\n")  # it got somewhere before failing
+        raise RuntimeError("the dataset failed verification")
+
+    monkeypatch.setattr(trainer, "run_training", broken)
+    data = grid(out, hopper_random_hdf5, "--rerun-stale")
+    assert "FAILED (its previous result is kept): RuntimeError: the dataset failed verification" in capsys.readouterr().err
+    assert json.loads((cell / "eval.json").read_text()) == previous
+    assert json.loads((cell / "cell.json").read_text()) == stale and (cell / "checkpoint").is_dir()
+    assert "the dataset failed verification" in (cell / "error.txt").read_text()
+    [status] = data["grid_status"]
+    assert status["state"].startswith("done, stale (") and status["state"].endswith("its last re-run failed (see error.txt)")
+    [row] = data["table"]
+    assert row["flags"] == {"stale": [0]} and row["score_mean"] is not None  # still reported, still flagged
+
+    def interrupted(cfg, run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_training", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        grid(out, hopper_random_hdf5, "--rerun-stale")
+    assert json.loads((cell / "eval.json").read_text()) == previous
+    assert (cell / quality.RERUN_DIR / "cell.json").is_file()  # the next re-run resumes there
+    assert f"{quality.RERUN_DIR}/" in (out / "quality_runs" / ".gitignore").read_text()  # never committed half-done
+
+    monkeypatch.undo()
+    data = grid(out, hopper_random_hdf5, "--rerun-stale")
+    assert "marker" not in json.loads((cell / "eval.json").read_text())  # replaced once the re-run was complete
+    assert json.loads((cell / "cell.json").read_text())["git_commit"] != root
+    assert not (cell / quality.RERUN_DIR).exists() and not (cell / "error.txt").exists()
+    assert (cell / "checkpoint").is_dir() and not (cell / "checkpoints").exists()
+    assert [s["state"] for s in data["grid_status"]] == ["done"]
