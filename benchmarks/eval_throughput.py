@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, exact = kinema_variants["kinema_dt"].eval(), kinema_variants[exact_name].eval()
     recompute = kinema_dt(spec, stats, attention_window=0).eval()
     recompute.load_state_dict(exact.state_dict())  # the same model, decoding by full recompute
-    recompute.use_kv_cache = False
+    recompute.configure_inference(use_kv_cache=False)
     runners: dict[str, Callable[[TaskSpec], tuple[int, float, list[float]]]] = {
         "kinema_batched": lambda t: run_batched(model, t, args.episodes, args.seed),
         "kinema_sequential": lambda t: run_sequential(model, t, args.episodes, args.seed),

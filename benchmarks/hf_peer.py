@@ -23,14 +23,16 @@ Build it without Hydra: ``build_hf_dt(spec, stats, **config_overrides)`` or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, NormStats, Policy, PolicySpec, Recipe, config_from_dict, require_positive_int
-from kinema.policies.dt import DTInference, dt_recipe
+from kinema.policies.base import (
+    BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, config_from_dict, require_positive_int,
+)
+from kinema.policies.dt import dt_recipe
 
 
 def import_transformers() -> Any:
@@ -48,6 +50,11 @@ def import_transformers() -> Any:
 
 
 @dataclass
+class HFDTInference(InferenceOptions):
+    target_return: Optional[float] = None  # used when reset() gets none (evaluation always passes one)
+
+
+@dataclass
 class HFDTConfig:
     context_len: int = 20
     embed_dim: int = 128
@@ -58,7 +65,7 @@ class HFDTConfig:
     rtg_scale: float = 1000.0
     activation: str = "relu"  # HF's default and kzl's choice
     recipe: Recipe = field(default_factory=dt_recipe)  # DT's recipe: the peer trains like kinema's DT
-    inference: DTInference = field(default_factory=DTInference)  # target_return (use_kv_cache: it has no cache)
+    inference: HFDTInference = field(default_factory=HFDTInference)
 
     def __post_init__(self) -> None:
         for name in ("context_len", "embed_dim", "n_layers", "n_heads", "max_ep_len"):

@@ -15,7 +15,7 @@ unrecorded warm-up episode each:
 - ``kinema_dt_exact``: the exact full-context DT (``attention_window=0``): KV cache while
   the context fills, then one batched window recompute per step, which sliding requires;
   listed when the default is not that model;
-- ``kinema_dt_recompute``: the exact model with ``use_kv_cache = False`` (recompute every step);
+- ``kinema_dt_recompute``: the exact model with ``inference.use_kv_cache=False`` (recompute every step);
 - ``hf_dt``: HF's ``DecisionTransformerModel`` re-run on the whole left-padded window at
   every step, as HF's and kzl's evaluation loops do.
 
@@ -54,7 +54,7 @@ def build_variants() -> tuple[dict[str, Policy], dict[str, dict[str, str]]]:
     variants, exact, banded = kinema_dt_variants(spec, stats)
     recompute = kinema_dt(spec, stats, attention_window=0)
     recompute.load_state_dict(variants[exact].state_dict())
-    recompute.use_kv_cache = False
+    recompute.configure_inference(use_kv_cache=False)
     variants.update({"kinema_dt_recompute": recompute, "hf_dt": hf_dt(spec, stats)})
     for policy in variants.values():
         policy.eval()

@@ -286,10 +286,10 @@ class CodeHistory:
         return sorted(files)
 
     def last_change(self, family: str) -> str | None:
-        """The last commit touching the family's files or train/ (None: unknown)."""
+        """The last commit touching the family's files or the code every cell's score goes through (None: unknown)."""
         if family not in self._last_change:
             try:
-                paths = [*self.family_files(family), "train"]
+                paths = [*self.family_files(family), *SHARED_SCORE_CODE]
             except ValueError:  # the family is no longer registered
                 paths = []
             out = git("log", "-1", "--format=%H", "--", *paths) if paths else None
@@ -314,8 +314,13 @@ class CodeHistory:
         if current is None:
             return f"its commit {base[:12]} is not in this repository"
         if not current:
-            return f"{family}'s code or the trainer changed in {last[:12]}, after the cell's commit {base[:12]}"
+            return f"{family}'s code or the shared training/evaluation code changed in {last[:12]}, after the cell's commit {base[:12]}"
         return None
+
+
+# What every cell's number goes through besides its family's own modules: the trainer, the
+# samplers that feed it, and the evaluation loop and scores.
+SHARED_SCORE_CODE = ("train", "datasets/samplers", "envs/evaluate.py", "envs/scores.py", "envs/registry.py")
 
 
 # -- locks: several workers may share one grid ---------------------------------------------------

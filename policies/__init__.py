@@ -25,6 +25,11 @@ _discovered = False
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
     """Class decorator: make a policy family available to ``make_policy`` by its ``name``."""
+    if not cls.stateless and cls.end_episode is Policy.end_episode:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__} ({cls.name!r}) keeps a context per environment, so it must implement "
+            "end_episode(env_indices); a policy whose act() depends on the current observation only declares stateless = True"
+        )
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
         raise ValueError(f"policy name {cls.name!r} is already registered to {existing.__module__}.{existing.__qualname__}")

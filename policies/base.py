@@ -223,8 +223,9 @@ class Policy(nn.Module):
     config_class: ClassVar[type]
     name: ClassVar[str]
     label: ClassVar[str] = ""  # how tables and plots name the family (default: its name)
-    # What a checkpoint's statistics must hold for this family: feature -> statistics.
-    required_stats: ClassVar[dict[str, tuple[str, ...]]] = {"observations": ("mean", "std")}
+    # Statistics the family needs besides the observations' mean and std, which every policy
+    # normalises with (normalize_obs): feature -> statistics, e.g. {"actions": ("min", "max")}.
+    required_stats: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Keyword arguments reset() takes (e.g. DT's target_return); evaluation hands over only these.
     conditioning: ClassVar[tuple[str, ...]] = ()
     # True when act() depends on the current observation only (BC): episode ends need nothing.
@@ -236,7 +237,8 @@ class Policy(nn.Module):
 
     def __init__(self, config: Any, spec: PolicySpec, stats: NormStats):
         super().__init__()
-        stats.require(self.required_stats, f"the {self.name!r} policy")
+        needs = self.needed_stats()
+        stats.require(needs, f"the {self.name!r} policy")
         obs_mean, obs_std = stats.get("observations", "mean"), stats.get("observations", "std")
         if obs_mean.shape != (spec.obs_dim,):
             raise ValueError(
@@ -245,12 +247,20 @@ class Policy(nn.Module):
             )
         self.config = config
         self.spec = spec
-        self.stats = stats.subset(self.required_stats)  # what the checkpoint saves
+        self.stats = stats.subset(needs)  # what the checkpoint saves
         self.inference = config.inference
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32), persistent=False)
         self.register_buffer("action_low", torch.tensor(spec.action_low, dtype=torch.float32), persistent=False)
         self.register_buffer("action_high", torch.tensor(spec.action_high, dtype=torch.float32), persistent=False)
+
+    @classmethod
+    def needed_stats(cls) -> dict[str, tuple[str, ...]]:
+        """Every statistic the family's checkpoints hold: the observations' mean and std, and ``required_stats``."""
+        needs = {"observations": ("mean", "std")}
+        for feature, stats in cls.required_stats.items():
+            needs[feature] = tuple(dict.fromkeys((*needs.get(feature, ()), *stats)))
+        return needs
 
     def configure_inference(self, **overrides: Any) -> None:
         """Change inference options (``kinema-eval inference.<key>=<value>``); unknown keys are refused by name."""

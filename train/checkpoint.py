@@ -22,6 +22,7 @@ of one. Loading refuses a directory that lacks weights, config or statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kinema.datasets.suite import sha256_of_file
-from kinema.policies import NormStats, Policy, PolicySpec, make_policy
+from kinema.policies import NormStats, Policy, PolicySpec, Recipe, make_policy
 
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
@@ -189,7 +190,10 @@ def read_run_config(directory: Path) -> dict[str, Any]:
     policy = config["policy"]
     if "recipe" not in policy:  # written before policies declared their recipe
         train = config.get("train") or {}
-        policy["recipe"] = {key: train.pop(key) for key in LEGACY_RECIPE_KEYS if key in train}
+        # The trainer of that time: AdamW with torch's betas, warm-up then constant, no EMA (Recipe's defaults).
+        recipe = json.loads(json.dumps(dataclasses.asdict(Recipe())))
+        recipe.update({key: train.pop(key) for key in LEGACY_RECIPE_KEYS if key in train})
+        policy["recipe"] = recipe
         inference = policy.setdefault("inference", {})
         if "target_return" in policy:
             inference["target_return"] = policy.pop("target_return")
@@ -284,8 +288,9 @@ def load_trainer_state(directory: Path) -> dict[str, Any] | None:
     return _join_tensors(json.loads((directory / TRAINER_JSON).read_text()), tensors)
 
 
-def resumable_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest periodic checkpoint (step_XXXXXXXX) that is complete and verifies, and why newer ones were skipped."""
+def resumable_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest periodic checkpoint (step_XXXXXXXX) that is complete and verifies, and the newer ones
+    that do not, each with the reason."""
     if not checkpoints_dir.is_dir():
         return None, []
     skipped = []
@@ -296,7 +301,7 @@ def resumable_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[str]]
                 raise CheckpointError(f"checkpoint {candidate} is incomplete: missing {', '.join(missing)}")
             verify_checksums(candidate)
         except CheckpointError as error:
-            skipped.append(str(error))
+            skipped.append((candidate, str(error)))
             continue
         return candidate, skipped
     return None, skipped

@@ -32,8 +32,13 @@ def _main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     loaded = load_checkpoint(settings["checkpoint"], device=select_device(str(settings["device"])), use_ema=bool(settings["use_ema"]))
     policy = loaded.policy
-    policy.configure_inference(**(settings.get("inference") or {}))
+    inference = settings.get("inference") or {}
+    policy.configure_inference(**inference)
     trained_eval = dict(loaded.config.get("eval", {}))
+    if "target_return" not in policy.conditioning:
+        trained_eval["target_return"] = None  # older checkpoints recorded one for every family
+    elif "target_return" in inference:  # +inference.target_return=R: evaluate at R
+        trained_eval["target_return"] = inference["target_return"]
     trained_eval.update({k: v for k, v in settings["eval"].items() if v is not None})
     trained_eval["trials"] = eval_trials(policy, trained_eval)
     check_eval_settings(trained_eval)

@@ -280,15 +280,21 @@ class _StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        self._previous = {}
 
     def _handle(self, number: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice (a second Ctrl-C): stop now, without the checkpoint
+            self.__exit__()
+            raise KeyboardInterrupt
         self.received = number
 
     def requested(self) -> int | None:
         """The signal to stop for, agreed by every rank (they must checkpoint the same step)."""
         if self.world.world_size == 1:
             return self.received
-        flag = torch.tensor([self.received or 0])
+        # NCCL reduces device tensors only; gloo, CPU ones. One int per step, against a training step.
+        device = f"cuda:{self.world.local_rank}" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([self.received or 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
@@ -308,7 +314,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, world: Distributed, device: torch
     seed_everything(int(cfg["seed"]) + world.rank)
 
     data = resolve_dataset(cfg["dataset"], cfg.get("env"))
-    cfg = {**cfg, "dataset_file": str(data.path), "dataset_sha256": dataset_fingerprint(data.path)}
+    fingerprint = [dataset_fingerprint(data.path) if world.is_main else None]
+    if world.world_size > 1:
+        dist.broadcast_object_list(fingerprint, src=0)  # read once, not once per rank
+    cfg = {**cfg, "dataset_file": str(data.path), "dataset_sha256": fingerprint[0]}
     task = data.task
     spec = policy_spec(task)
     stats = NormStats(data.dataset.statistics(), source=f"statistics of {data.path}")
@@ -337,8 +346,13 @@ def _train(cfg: dict[str, Any], run_dir: Path, world: Distributed, device: torch
     schedule_horizon = recipe.schedule_steps or int(train_cfg["steps"])
     resume_from, skipped = resumable_checkpoint(checkpoints_dir)
     if skipped and world.is_main:
-        for reason in skipped:
-            tqdm.write(f"kinema-train: skipping a periodic checkpoint: {reason}")
+        for path, reason in skipped:
+            # Renamed out of the step_* series, so pruning never keeps it in place of a good one.
+            kept = path.with_name(f"unusable-{path.name}")
+            os.replace(path, kept)
+            tqdm.write(f"kinema-train: skipping a periodic checkpoint: {reason}; moved to {kept}")
+    if skipped and world.world_size > 1:
+        dist.barrier()  # rank 0 has moved them before anyone reads the directory again
     if skipped and resume_from is None:
         raise CheckpointError(
             f"no periodic checkpoint in {checkpoints_dir} can be resumed (see above); "

@@ -128,8 +128,14 @@ def test_saved_model_takes_its_pinned_actions(name: str) -> None:
 def test_a_checkpoint_in_the_layout_before_recipes_loads_and_acts_the_same() -> None:
     """tests/golden/legacy/dt: the dt fixture as written before statistics were keyed by feature
     (flat stats.json) and before the policy config held its recipe and inference options."""
+    from kinema.train.checkpoint import read_run_config
+
     legacy = HERE / "legacy" / "dt"
     assert set(json.loads((legacy / "stats.json").read_text())) == {"obs_mean", "obs_std"}
+    config = read_run_config(legacy)  # the old keys in today's places
+    assert config["policy"]["recipe"]["lr"] == 1e-4 and config["policy"]["recipe"]["warmup_steps"] == 1000
+    assert config["policy"]["recipe"]["schedule"] == "constant" and "lr" not in config["train"]
+    assert config["policy"]["inference"] == {"target_return": None} and "target_returns" not in config["eval"]
     expected = np.array(json.loads((HERE / "dt" / "expected_actions.json").read_text())["actions"])
     np.testing.assert_allclose(play(load_checkpoint(legacy).policy), expected, **ACTION_TOLERANCE)
 

@@ -50,7 +50,7 @@ class PluginLinearPolicy(Policy):
     label = "plug-in linear"
     config_class = LinearConfig
     stateless = True
-    required_stats = {"observations": ("mean", "std"), "actions": ("mean", "std")}
+    required_stats = {"actions": ("mean", "std"), "observations": ("min",)}
 
     def __init__(self, config: LinearConfig, spec: PolicySpec, stats: NormStats):
         super().__init__(config, spec, stats)

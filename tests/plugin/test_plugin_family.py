@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ def test_the_family_trains_evaluates_and_takes_inference_options(cli, with_plugi
     assert (checkpoint / "ema.safetensors").is_file()
     stats = json.loads((checkpoint / "stats.json").read_text())["features"]
     assert stats.keys() == {"observations", "actions"} and stats["actions"].keys() == {"mean", "std"}
+    assert stats["observations"].keys() == {"mean", "std", "min"}  # normalisation's own, and what the family adds
 
     # Inference options change without retraining; noise follows the episode seeds, so the number of
     # environments run at once does not change the returns (beyond float rounding of batched matmuls).
@@ -79,16 +81,13 @@ def test_the_family_trains_evaluates_and_takes_inference_options(cli, with_plugi
 
 
 def test_a_checkpoint_without_the_action_statistics_is_refused_by_name(cli, with_plugin: Path, tmp_path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(with_plugin))  # this process imports the plug-in module directly
-    try:
-        from kinema.policies import NormStats, PolicySpec
-        import kinema_plugin_family
-
-        spec = PolicySpec(3, 2, (-1.0, -1.0), (1.0, 1.0))
-        with pytest.raises(ValueError, match=r"actions.mean, which is missing"):
-            kinema_plugin_family.PluginLinearPolicy(kinema_plugin_family.LinearConfig(), spec,
-                                                    NormStats.for_observations(np.zeros(3), np.ones(3)))
-    finally:
-        sys.path.remove(str(with_plugin))
+    # In a subprocess, so this pytest process never imports (and registers) the plug-in.
+    code = (
+        "import numpy as np, kinema_plugin_family as plugin\n"
+        "from kinema.policies import NormStats, PolicySpec\n"
+        "spec = PolicySpec(3, 2, (-1.0, -1.0), (1.0, 1.0))\n"
+        "stats = NormStats({'observations': {'mean': np.zeros(3), 'std': np.ones(3), 'min': -np.ones(3)}})\n"
+        "plugin.PluginLinearPolicy(plugin.LinearConfig(), spec, stats)\n"
+    )
+    proc = cli.run([sys.executable, "-c", code], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "actions.mean, which is missing" in proc.stderr

@@ -53,13 +53,13 @@ def test_bc_fits_a_linear_expert() -> None:
 
 
 def test_a_policy_that_keeps_context_must_implement_end_episode() -> None:
-    from kinema.policies import Policy
+    from kinema.policies import Policy, register_policy
 
     class Forgetful(Policy):  # keeps a context (not stateless) but has no end_episode
         name = "forgetful"
 
-    policy = Forgetful.__new__(Forgetful)
+    with pytest.raises(TypeError, match="must implement end_episode"):
+        register_policy(Forgetful)
     with pytest.raises(NotImplementedError, match="must implement end_episode"):
-        policy.end_episode([0])
-    bc = make_policy({"name": "bc"}, SPEC, STATS)
-    bc.end_episode([0])  # stateless: nothing to do
+        Forgetful.__new__(Forgetful).end_episode([0])
+    make_policy({"name": "bc"}, SPEC, STATS).end_episode([0])  # stateless: nothing to do

@@ -159,6 +159,7 @@ def test_resume_falls_back_to_the_previous_valid_checkpoint(hopper_random_hdf5: 
     run_training(train_config(hopper_random_hdf5, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3"), run)
     out = capsys.readouterr().out
     assert "step_00000004/trainer_state.safetensors is corrupt" in out and "resuming" in out and "step 2" in out
+    assert (run / "checkpoints" / "unusable-step_00000004").is_dir()  # kept aside, out of the pruned series
     a, b = weights(straight), weights(run)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
