@@ -53,6 +53,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -93,6 +94,20 @@ def data_dir(directory: str | os.PathLike | None = None) -> Path:
     if directory is not None:
         return Path(directory)
     return Path(os.environ.get("KINEMA_DATA") or Path.home() / ".cache" / "kinema" / "datasets")
+
+
+def require_writable_dir(directory: Path, given: str | os.PathLike | None = None) -> None:
+    """Create ``directory`` and check a file can be written there, or a DatasetError naming where it came from."""
+    origin = "data_dir" if given is not None else ("$KINEMA_DATA" if os.environ.get("KINEMA_DATA") else "the default cache")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".kinema-write-check-"):
+            pass
+    except OSError as error:
+        raise DatasetError(
+            f"suite datasets go to {directory} ({origin}), which cannot be written: {error.strerror or error}; "
+            "point KINEMA_DATA (or data_dir=) at a writable directory"
+        ) from error
 
 
 def sha256_of_file(path: str | os.PathLike) -> str:
@@ -428,6 +443,7 @@ def ensure_suite_dataset(
     path = dataset_path(name, size, data_dir)
     regenerated = False
     if not path.exists():
+        require_writable_dir(path.parent, data_dir)  # before minutes of collection, not after
         regenerated = True
         estimate = entry.get("regeneration_s")
         note = ""

@@ -161,3 +161,14 @@ def test_minari_episode_without_an_end_flag_stays_its_own_episode(tmp_path: Path
     assert dataset.episode_lengths.tolist() == [3, 4]
     assert dataset.timeouts.tolist() == [False, False, True, False, False, False, False]
     assert load_dataset(tmp_path / "handmade").num_episodes == 2
+
+
+def test_an_unwritable_kinema_data_is_refused_before_any_collection(monkeypatch, tmp_path) -> None:
+    from kinema.datasets.errors import DatasetError
+    from kinema.datasets.suite import ensure_suite_dataset
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("KINEMA_DATA", str(blocker / "datasets"))  # under a file: cannot be created
+    with pytest.raises(DatasetError, match=r"\$KINEMA_DATA.*cannot be written"):
+        ensure_suite_dataset("hopper-random")
