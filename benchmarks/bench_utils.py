@@ -26,14 +26,25 @@ import numpy as np
 BENCH_DIR = Path(__file__).resolve().parent
 
 
-def source_checkout() -> Path | None:
-    """The repository root when this package is the ``benchmarks/`` folder of a kinema checkout, else None."""
-    root = BENCH_DIR.parent
+def _is_kinema_checkout(root: Path) -> bool:
     try:
         pyproject = (root / "pyproject.toml").read_text()
     except OSError:
-        return None
-    return root if BENCH_DIR.name == "benchmarks" and 'name = "kinema"' in pyproject else None
+        return False
+    return 'name = "kinema"' in pyproject and (root / "benchmarks" / "quality.py").is_file()
+
+
+def source_checkout() -> Path | None:
+    """The kinema checkout the benchmarks work in, else None.
+
+    This package's own folder when it is a checkout's ``benchmarks/`` (editable install, or
+    ``python benchmarks/<name>.py``); otherwise, with kinema installed from a checkout
+    (``pip install .``), the checkout the command runs in.
+    """
+    if BENCH_DIR.name == "benchmarks" and _is_kinema_checkout(BENCH_DIR.parent):
+        return BENCH_DIR.parent
+    cwd = Path.cwd().resolve()
+    return next((root for root in (cwd, *cwd.parents) if _is_kinema_checkout(root)), None)
 
 
 REPO_ROOT = source_checkout()

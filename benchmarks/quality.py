@@ -275,10 +275,10 @@ class CodeHistory:
                 continue
             seen.add(name)
             module = sys.modules.get(name)
-            path = Path(getattr(module, "__file__", None) or "/").resolve()
-            if REPO_ROOT is None or not path.is_relative_to(REPO_ROOT):
+            path = repository_file(name)
+            if path is None:
                 continue
-            files.add(str(path.relative_to(REPO_ROOT)))
+            files.add(path)
             for value in vars(module).values():
                 imported = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
                 if isinstance(imported, str) and imported.startswith("kinema.") and imported not in seen:
@@ -316,6 +316,19 @@ class CodeHistory:
         if not current:
             return f"{family}'s code or the shared training/evaluation code changed in {last[:12]}, after the cell's commit {base[:12]}"
         return None
+
+
+def repository_file(module: str) -> str | None:
+    """The checkout's file of module ``kinema.<folder>.<...>`` (each folder is a package), whether the
+    running kinema is that checkout (editable) or installed from it; None outside kinema."""
+    parts = module.split(".")
+    if REPO_ROOT is None or len(parts) < 2 or parts[0] != "kinema":
+        return None
+    base = REPO_ROOT.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return str(candidate.relative_to(REPO_ROOT))
+    return None
 
 
 # What every cell's number goes through besides its family's own modules: the trainer, the

@@ -205,7 +205,7 @@ def test_quality_reports_unverified_and_stale_cells(results: Path, capsys) -> No
     out = capsys.readouterr().out
     states = {c["policy"]: c["state"] for c in data["grid_status"]}
     assert states["hf_dt"] == "done, unverified (no config hash)" and "unverified (no config hash): 1 cell(s)" in out
-    assert states["at"].startswith("done, stale (at's code or the trainer changed in ") and "stale" in out
+    assert states["at"].startswith("done, stale (at's code or the shared training/evaluation code changed in ") and "stale" in out
     assert (runs / "hf_dt" / "seed0" / "eval.json").is_file()  # kept, not deleted
     rows = {row["policy"]: row for row in data["table"]}
     assert rows["hf_dt"]["flags"] == {"unverified": [0]} and rows["at"]["flags"] == {"stale": [0]}
