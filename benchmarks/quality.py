@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from kinema.benchmarks.bench_utils import (
     REPO_ROOT,
@@ -337,46 +338,47 @@ SHARED_SCORE_CODE = ("train", "datasets/samplers", "envs/evaluate.py", "envs/sco
 
 
 # -- locks: several workers may share one grid ---------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# A cell being trained holds an OS file lock (filelock) on <cell>/.lock, released by the kernel
+# when its worker dies, so a killed worker never blocks the cell. The worker's pid is written
+# beside it only so --status can say who is training.
+WORKER_PID = ".worker"
+_held_locks: dict[Path, FileLock] = {}
 
 
 def lock_owner(run_dir: Path) -> int | None:
-    """The pid of a live worker training this cell, if any (a stale lock is ignored)."""
-    try:
-        pid = int((run_dir / LOCK).read_text().strip() or 0)
-    except (OSError, ValueError):
+    """The pid of another live worker training this cell, if any (None when free or held here)."""
+    if run_dir in _held_locks or not (run_dir / LOCK).exists():
         return None
-    return pid if pid > 0 and _pid_alive(pid) else None
+    probe = FileLock(str(run_dir / LOCK))
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        try:
+            return int((run_dir / WORKER_PID).read_text().strip())
+        except (OSError, ValueError):
+            return 0  # held, by a worker that has not written its pid yet
+    probe.release()
+    return None
 
 
 def claim(run_dir: Path) -> bool:
+    """Take the cell's lock for this worker; False when another worker holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = lock_owner(run_dir)
-            if owner is not None and owner != os.getpid():
-                return False
-            lock.unlink(missing_ok=True)  # stale: its worker died
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        return True
-    return False
+    lock = FileLock(str(run_dir / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    (run_dir / WORKER_PID).write_text(str(os.getpid()))
+    _held_locks[run_dir] = lock
+    return True
 
 
 def release(run_dir: Path) -> None:
-    if lock_owner(run_dir) == os.getpid():
-        (run_dir / LOCK).unlink(missing_ok=True)
+    lock = _held_locks.pop(run_dir, None)
+    if lock is not None:
+        (run_dir / WORKER_PID).unlink(missing_ok=True)
+        lock.release()
 
 
 # -- the state of one cell -------------------------------------------------------------------------
@@ -399,15 +401,14 @@ def cell_state(run_dir: Path, policy: str, expected_hash: str | None, needs_tria
     """Where a cell stands. ``expected_hash``: the config the grid would run now (None: not compared)."""
     record = read_json(run_dir / CELL_JSON)
     evaluated = (run_dir / EVAL_JSON).is_file()
-    worker = lock_owner(run_dir)
-    worker = None if worker == os.getpid() else worker  # another worker's, not this one's claim
+    worker = lock_owner(run_dir)  # another worker's, not this one's claim
     # A finished cell with an error.txt kept its results through a failed re-run.
     failed = "; its last re-run failed (see error.txt)" if evaluated and (run_dir / ERROR_TXT).is_file() else ""
     if evaluated and record is None:
         return CellState(f"done, {UNVERIFIED}{failed}", ["unverified"])
     if record is not None and expected_hash is not None and record.get("config_sha256") != expected_hash:
         if worker is not None:
-            return CellState(f"running (pid {worker}) with another config")
+            return CellState(f"running (pid {worker or '?'}) with another config")
         return CellState(f"config changed (re-run on the next run){failed}", ["config_changed"])
     if evaluated and not (needs_trials and not (run_dir / TRIALS_JSON).is_file()):
         reason = history.stale_reason(family_of(policy), (record or {}).get("git_commit"))
@@ -415,7 +416,7 @@ def cell_state(run_dir: Path, policy: str, expected_hash: str | None, needs_tria
             return CellState(f"done, stale ({reason}){failed}", ["stale"])
         return CellState("done")
     if worker is not None:
-        return CellState(f"running (pid {worker})")
+        return CellState(f"running (pid {worker or '?'})")
     if (run_dir / ERROR_TXT).is_file():
         return CellState("failed (see error.txt); retried on the next run")
     if (run_dir / "checkpoints").is_dir() or evaluated:
@@ -439,7 +440,7 @@ def promote_rerun(run_dir: Path) -> None:
     for folder in RESULT_FOLDERS:
         shutil.rmtree(run_dir / folder, ignore_errors=True)
     for item in sorted(work_dir.iterdir()):
-        if item.name == LOCK:
+        if item.name in (LOCK, WORKER_PID):
             item.unlink()  # the cell's lock is the one in run_dir
             continue
         target = run_dir / item.name

@@ -9,7 +9,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, refuse_run_dir_that_is_a_file, report_user_errors, to_plain
 
@@ -126,9 +126,22 @@ def _record(settings: dict[str, Any]) -> dict[str, Any]:
 COLLECT_CONFIG_DIR = str(Path(CONFIG_DIR) / "collect")
 
 
+def register_collect_configs() -> None:
+    """kinema-collect's schema and its ``behaviour=<name>`` group, from ``kinema.train.config``."""
+    from hydra.core.config_store import ConfigStore
+
+    from kinema.train.config import BEHAVIOURS, CollectConfig
+
+    store = ConfigStore.instance()
+    store.store(name="collect_schema", node=CollectConfig)
+    for name in BEHAVIOURS:
+        store.store(group="behaviour", name=name, node={"name": name})
+
+
 @hydra.main(config_path=COLLECT_CONFIG_DIR, config_name="collect", version_base=HYDRA_VERSION_BASE)
 @report_user_errors("kinema-collect")
 def _hydra_main(cfg: DictConfig) -> None:
+    OmegaConf.to_object(cfg).check()  # range checks, naming the key, before any work
     settings = to_plain(cfg)
     if settings["dataset"]:
         summary = _suite(settings)
@@ -149,6 +162,7 @@ def main() -> None:
             sys.exit(2)
         return
     refuse_run_dir_that_is_a_file("kinema-collect")
+    register_collect_configs()
     _hydra_main()
 
 

@@ -92,3 +92,68 @@ def check_run_config(cfg: dict[str, Any]) -> None:
     dataset = cfg.get("dataset")
     if not isinstance(dataset, dict) or not (dataset.get("name") or dataset.get("path")):
         raise ValueError("dataset: set dataset=<suite name> or dataset.path=<file.hdf5 or Minari dataset dir>")
+
+
+# -- kinema-collect ------------------------------------------------------------------------------
+
+BEHAVIOURS = {
+    "random": "uniform random actions over the action box (D4RL's random)",
+    "sb3": "a stable-baselines3 checkpoint: checkpoint=<file.zip> algo=ppo|sac|td3|a2c|ddpg",
+    "snapshot": "a kinema actor snapshot (safetensors + JSON): snapshot=<path without suffix>",
+}
+SB3_ALGORITHMS = ("ppo", "sac", "td3", "a2c", "ddpg")
+COMPRESSIONS = (None, "gzip", "lzf")
+SUITE_SIZES = ("default", "full")
+
+
+@dataclass
+class BehaviourSettings:
+    name: str = "random"  # random | sb3 | snapshot (what drives the recording)
+    train: bool = False  # train (or resume) a PPO behaviour policy for env instead of collecting
+    total_steps: int = 2_000_000
+    stop_at_return: Optional[float] = None  # stop once the last 3 snapshot evaluations average at least this
+    snapshot_every: int = 20480
+    work_dir: Optional[str] = None  # null = $KINEMA_BEHAVIOUR/<task> or ~/.cache/kinema/behaviour/<task>
+    export: bool = False  # after training, pick medium/expert and copy snapshots into datasets/behaviour_policies/
+
+
+@dataclass
+class CollectConfig:
+    env: Optional[str] = None  # task name (hopper, walker2d, halfcheetah, ant) or a Gymnasium id
+    steps: int = 100_000  # transitions to record
+    seed: int = 0
+    num_envs: int = 10  # environments stepped together, one batched policy call per step
+    output: Optional[str] = None  # .hdf5 file to write (D4RL layout)
+    overwrite: bool = False  # true: replace an existing output file (refused otherwise)
+    compression: Optional[str] = None  # null (like D4RL) | gzip | lzf
+    # behaviour=sb3: a stable-baselines3 checkpoint of your own
+    checkpoint: Optional[str] = None  # path to the .zip
+    algo: str = "ppo"
+    vecnormalize: Optional[str] = None  # VecNormalize statistics (.pkl) the checkpoint was trained with, if any
+    deterministic: bool = False  # true: the policy's mean action; false: sampled, like D4RL's behaviour data
+    # behaviour=snapshot: a kinema actor snapshot (prefix of .safetensors + .json)
+    snapshot: Optional[str] = None
+    # the benchmark suite
+    dataset: Optional[str] = None  # a suite name (hopper-medium-replay, ...) or "all"
+    size: str = "default"  # default (200k transitions, checksummed) | full (D4RL's 1M)
+    data_dir: Optional[str] = None  # null = $KINEMA_DATA or ~/.cache/kinema/datasets
+    manifest: Optional[str] = None  # null = the suite manifest shipped in kinema/datasets/suite.json
+    update_manifest: bool = False  # maintainers: regenerate and record checksums in datasets/suite.json
+    embed: bool = False  # maintainers: with update_manifest, also rewrite the embedded hopper slice
+    behaviour: BehaviourSettings = field(default_factory=BehaviourSettings)
+
+    def check(self) -> None:
+        """Range checks before any work, each message naming the key (Hydra has checked the types)."""
+        _require_int(self.steps, "steps", 1)
+        _require_int(self.num_envs, "num_envs", 1)
+        _require_int(self.seed, "seed", 0)
+        _require_int(self.behaviour.total_steps, "behaviour.total_steps", 1)
+        _require_int(self.behaviour.snapshot_every, "behaviour.snapshot_every", 1)
+        choices = (("compression", self.compression, COMPRESSIONS), ("size", self.size, SUITE_SIZES),
+                   ("algo", self.algo, SB3_ALGORITHMS), ("behaviour", self.behaviour.name, tuple(BEHAVIOURS)))
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join('null' if a is None else a for a in allowed)}, got {value!r}")
+        stop = self.behaviour.stop_at_return
+        if stop is not None and not math.isfinite(stop):
+            raise ValueError(f"behaviour.stop_at_return must be a finite number or null, got {stop!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,23 @@ def test_a_failing_or_interrupted_rerun_keeps_the_previous_result(hopper_random_
     assert not (cell / quality.RERUN_DIR).exists() and not (cell / "error.txt").exists()
     assert (cell / "checkpoint").is_dir() and not (cell / "checkpoints").exists()
     assert [s["state"] for s in data["grid_status"]] == ["done"]
+
+
+def test_a_cell_held_by_another_worker_is_skipped_until_that_worker_dies(tmp_path) -> None:
+    cell = tmp_path / "cell"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kinema.benchmarks import quality\n"
+         f"assert quality.claim(__import__('pathlib').Path({str(cell)!r}))\nprint('held', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert quality.lock_owner(cell) == holder.pid
+        assert not quality.claim(cell)
+    finally:
+        holder.kill()  # like kill -9: no release, the lock file stays behind
+        holder.wait()
+    assert (cell / quality.LOCK).exists()
+    assert quality.lock_owner(cell) is None  # a dead worker's lock blocks nobody
+    assert quality.claim(cell)
+    assert quality.lock_owner(cell) is None  # held by this process: not "another worker"
+    quality.release(cell)

@@ -158,6 +158,10 @@ BAD_INPUT = {
     "sb3-missing-zip": (["env=hopper", "behaviour=sb3", "checkpoint={tmp}/missing.zip", "output={tmp}/out.hdf5"],
                         ["{tmp}/missing.zip: stable-baselines3 checkpoint not found"]),
     "sb3-without-checkpoint": (["env=hopper", "behaviour=sb3", "output={tmp}/out.hdf5"], ["behaviour=sb3 needs checkpoint="]),
+    "zero-steps": (["env=hopper", "steps=0", "output={tmp}/out.hdf5"], ["steps must be an integer >= 1, got 0"]),
+    "zero-envs": (["env=hopper", "num_envs=0", "output={tmp}/out.hdf5"], ["num_envs must be an integer >= 1, got 0"]),
+    "compression": (["env=hopper", "compression=zip", "output={tmp}/out.hdf5"], ["compression must be one of null, gzip, lzf, got 'zip'"]),
+    "suite-size": (["dataset=hopper-medium", "size=huge"], ["size must be one of default, full, got 'huge'"]),
 }
 
 
