@@ -47,6 +47,9 @@ _BUILTIN_TASKS = (
     # mujoco/ant datasets use the 105-dim default: make_env("ant",
     # include_cfrc_ext_in_observation=True) reproduces that environment.
     TaskSpec("ant", "Ant-v5", 1000, -325.6, 3879.7, (("include_cfrc_ext_in_observation", False),), target_return=6000.0),
+    # Humanoid-v5 with Gymnasium's default 348-dim observation (qpos[2:], qvel, and per-body
+    # cinert, cvel, cfrc_ext and per-DoF qfrc_actuator): D4RL has no humanoid, so no references.
+    TaskSpec("humanoid", "Humanoid-v5", 1000),
 )
 TASKS: dict[str, TaskSpec] = {task.name: task for task in _BUILTIN_TASKS}
 

@@ -157,3 +157,12 @@ class CollectConfig:
         stop = self.behaviour.stop_at_return
         if stop is not None and not math.isfinite(stop):
             raise ValueError(f"behaviour.stop_at_return must be a finite number or null, got {stop!r}")
+
+
+# -- kinema-bodygraph ----------------------------------------------------------------------------
+
+
+@dataclass
+class BodyGraphConfig:
+    env: Optional[str] = None  # task name (hopper, ant, humanoid, ...) or a Gymnasium MuJoCo id
+    body_graph: Optional[str] = None  # an explicit layout (bodygraph.json) to check against env and draw

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from kinema.datasets import make_sampler
 from kinema.datasets.suite import sha256_of_file
 from kinema.envs import task_spaces
-from kinema.policies import NormStats, Policy, PolicySpec, make_policy, policy_config
+from kinema.envs.structure import task_structure
+from kinema.policies import NormStats, Policy, PolicySpec, make_policy, policy_class, policy_config
 from kinema.train.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
@@ -91,9 +92,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def policy_spec(task: Any) -> PolicySpec:
+def policy_spec(task: Any, policy_cfg: dict[str, Any] | None = None) -> PolicySpec:
+    """Shapes and limits of the task, and the task structure the policy's family needs."""
     obs_dim, act_dim, low, high = task_spaces(task)
-    return PolicySpec(obs_dim, act_dim, tuple(low), tuple(high), task.max_episode_steps)
+    structure: dict[str, Any] = {}
+    if policy_cfg is not None:
+        needs = policy_class(str(policy_cfg.get("name"))).required_structure
+        if needs:
+            structure = task_structure(needs, task, obs_dim, act_dim, {name: policy_cfg.get(name) for name in needs})
+    return PolicySpec(obs_dim, act_dim, tuple(low), tuple(high), task.max_episode_steps, structure)
 
 
 def eval_conditioning(policy: Policy, cfg: dict[str, Any], task: Any, data: ResolvedDataset | None) -> dict[str, Any]:
@@ -319,7 +326,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, world: Distributed, device: torch
         dist.broadcast_object_list(fingerprint, src=0)  # read once, not once per rank
     cfg = {**cfg, "dataset_file": str(data.path), "dataset_sha256": fingerprint[0]}
     task = data.task
-    spec = policy_spec(task)
+    spec = policy_spec(task, cfg["policy"])
     stats = NormStats(data.dataset.statistics(), source=f"statistics of {data.path}")
     policy = make_policy(cfg["policy"], spec, stats).to(device)
     # The resolved config (every recipe and inference field) is what checkpoints record.

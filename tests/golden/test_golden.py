@@ -1,4 +1,4 @@
-"""Golden outputs: tiny saved models of bc, dt and at whose actions, and whose training, are pinned.
+"""Golden outputs: tiny saved models of bc, dt, at and bot whose actions, and whose training, are pinned.
 
 A refactor that changes what a policy does, or how the trainer trains it, fails here.
 The fixtures are kinema checkpoint directories (safetensors + config + statistics, a few
@@ -6,7 +6,7 @@ KB each) under ``tests/golden/<name>/`` with ``expected_actions.json``, and
 ``tests/golden/training.json`` (per-step losses and learning rates of short runs).
 Pin a deliberate change of behaviour, and say why in the commit, with:
 
-    python tests/golden/test_golden.py --write
+    python tests/golden/test_golden.py --write [NAME ...]   (the named fixtures; none named: all)
 
 Tolerances are loose enough for CPUs with different vector units (AVX2, AVX-512) and
 tight enough that any change of computation fails.
@@ -36,7 +36,13 @@ SAVED_MODELS = {
     "dt": {"name": "dt", **TINY_TRANSFORMER, "attention_window": 3},
     "dt_full": {"name": "dt", **TINY_TRANSFORMER, "attention_window": 0},
     "at": {"name": "at", **TINY_TRANSFORMER, "attention_window": 3, "max_chain_len": 2},
+    "bot": {"name": "bot", "variant": "mix", "embed_dim": 8, "n_layers": 2, "n_heads": 2},
 }
+# bot needs a body graph: root (obs 0-1) - hip (obs 2, act 0) - knee (obs 3-4, act 1).
+BODY_GRAPH = {"nodes": [{"name": "root", "parent": None, "obs_indices": [0, 1], "act_indices": []},
+                        {"name": "hip", "parent": "root", "obs_indices": [2], "act_indices": [0]},
+                        {"name": "knee", "parent": "hip", "obs_indices": [3, 4], "act_indices": [1]}]}
+SPECS = {"bot": dataclasses.replace(SPEC, structure={"body_graph": BODY_GRAPH})}
 TARGET_RETURN = 40.0
 NUM_ENVS, STEPS = 2, 12
 EPISODE_END_STEP, EPISODE_END_ENVS = 7, [1]
@@ -49,6 +55,7 @@ TRAINING_RUNS = {
            "policy.attention_window=3", "policy.recipe.warmup_steps=8", "policy.recipe.batch_size=8"],
     "at": ["policy=at", "policy.embed_dim=16", "policy.n_layers=1", "policy.context_len=6",
            "policy.attention_window=3", "policy.recipe.warmup_steps=8", "policy.recipe.batch_size=8", "eval.trials=1"],
+    "bot": ["policy=bot", "policy.embed_dim=16", "policy.n_layers=2", "policy.n_heads=2", "policy.recipe.batch_size=16"],
 }
 ACTION_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 LOSS_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
@@ -65,7 +72,7 @@ def play(policy) -> np.ndarray:
     """The fixed rollout: reset, act, observe_reward, one episode end part-way."""
     observations, rewards = rollout_inputs()
     policy.eval()
-    conditioning = {} if policy.name == "bc" else {"target_return": TARGET_RETURN}
+    conditioning = {"target_return": TARGET_RETURN} if "target_return" in policy.conditioning else {}
     policy.reset(NUM_ENVS, **conditioning)
     actions = []
     for step in range(STEPS):
@@ -149,13 +156,15 @@ def test_training_follows_its_pinned_losses(name: str, tmp_path: Path) -> None:
 
 
 # -- writing the fixtures ----------------------------------------------------------------------
-def write_fixtures() -> None:
+def write_fixtures(names: list[str]) -> None:
     import tempfile
 
     torch.set_num_threads(1)
     for name, family_config in SAVED_MODELS.items():
+        if names and name not in names:
+            continue
         torch.manual_seed(7)
-        policy = make_policy(family_config, SPEC, STATS)
+        policy = make_policy(family_config, SPECS.get(name, SPEC), STATS)
         with torch.no_grad():  # spread the weights so a changed computation moves the actions visibly
             for parameter in policy.parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.2)
@@ -165,16 +174,18 @@ def write_fixtures() -> None:
         actions = play(load_checkpoint(directory).policy)
         (directory / "expected_actions.json").write_text(json.dumps({"actions": actions.tolist()}, indent=1))
         print(f"wrote {directory}", file=sys.stderr)
-    training = {}
+    training = json.loads((HERE / "training.json").read_text()) if names else {}
     with tempfile.TemporaryDirectory() as scratch:
         data = synthetic_hopper_dataset(Path(scratch) / "data.hdf5")
         for name in TRAINING_RUNS:
-            training[name] = train_run(name, data, Path(scratch) / name)
+            if not names or name in names:
+                training[name] = train_run(name, data, Path(scratch) / name)
     (HERE / "training.json").write_text(json.dumps(training, indent=1))
     print(f"wrote {HERE / 'training.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/golden/test_golden.py --write   (re-pins every golden output)")
-    write_fixtures()
+    if sys.argv[1:2] != ["--write"] or not set(sys.argv[2:]) <= set(SAVED_MODELS) | set(TRAINING_RUNS):
+        sys.exit(f"usage: python tests/golden/test_golden.py --write [NAME ...]   (re-pins those golden outputs, "
+                 f"or all; names: {sorted(set(SAVED_MODELS) | set(TRAINING_RUNS))})")
+    write_fixtures(sys.argv[2:])
