@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,10 @@ from safetensors.torch import load_file, save_file
 
 from kinema.envs import TaskSpec, get_task
 
+from kinema.train.ppo import (
+    PPO_RECIPE, PPORunError, atomic_write, make_training_env, new_ppo, open_run, read_state, rollout_size, run_ppo,
+)
+
 from .collect import episode_returns, require_matching_spaces
 from .errors import DatasetError
 
@@ -49,27 +52,11 @@ SNAPSHOT_FORMAT = "kinema-behaviour-actor/1"
 COMMITTED_POLICIES_DIR = Path(__file__).resolve().parent / "behaviour_policies"
 POLICIES_MANIFEST = "policies.json"
 
-PPO_RECIPE: dict[str, Any] = {
-    "n_envs": 8,
-    "n_steps": 512,
-    "batch_size": 256,
-    "n_epochs": 10,
-    "learning_rate": 3e-4,
-    "gamma": 0.99,
-    "gae_lambda": 0.95,
-    "clip_range": 0.2,
-    "net_arch": [256, 256],
-    "activation": "tanh",
-    "log_std_init": -1.0,
-    "normalize_observations": True,
-    "normalize_rewards": True,
-}
 # Snapshot spacing: 5 PPO updates (5 × 8 × 512 steps).
 DEFAULT_SNAPSHOT_EVERY = 20_480
 SNAPSHOT_EVAL_EPISODES = 5
 SELECTION_EVAL_EPISODES = 50
 EVAL_SEED = 10_000
-CHECKPOINTS_KEPT = 2
 STOP_WINDOW = 3
 
 
@@ -187,12 +174,6 @@ def load_actor(prefix: str | os.PathLike, stochastic: bool = True) -> GaussianAc
     return GaussianActor(tensors, info, stochastic=stochastic)
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def save_actor(model: Any, vec_normalize: Any, prefix: Path, info: dict[str, Any]) -> None:
     """Export an SB3 PPO model's actor + VecNormalize obs statistics as a snapshot."""
     state = model.policy.state_dict()
@@ -221,8 +202,8 @@ def save_actor(model: Any, vec_normalize: Any, prefix: Path, info: dict[str, Any
     }
     weights_path, info_path = snapshot_paths(prefix)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(weights_path, lambda p: save_file(tensors, str(p)))
-    _atomic_write_bytes(info_path, lambda p: p.write_text(json.dumps(full_info, indent=1) + "\n"))
+    atomic_write(weights_path, lambda p: save_file(tensors, str(p)))
+    atomic_write(info_path, lambda p: p.write_text(json.dumps(full_info, indent=1) + "\n"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,66 +290,14 @@ class TrainingRequest:
     eval_episodes: int = SNAPSHOT_EVAL_EPISODES
 
 
-def _read_state(work_dir: Path) -> dict[str, Any] | None:
-    path = work_dir / "state.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{path}: training state is not valid JSON ({error}); delete {work_dir} to start over") from error
-
-
-def _write_state(work_dir: Path, state: dict[str, Any]) -> None:
-    _atomic_write_bytes(work_dir / "state.json", lambda p: p.write_text(json.dumps(state, indent=1) + "\n"))
-
-
-def _save_vecnormalize(vec_normalize: Any, path: Path) -> None:
-    arrays = {
-        "obs_mean": vec_normalize.obs_rms.mean, "obs_var": vec_normalize.obs_rms.var,
-        "obs_count": np.float64(vec_normalize.obs_rms.count),
-        "ret_mean": np.asarray(vec_normalize.ret_rms.mean), "ret_var": np.asarray(vec_normalize.ret_rms.var),
-        "ret_count": np.float64(vec_normalize.ret_rms.count),
-    }
-
-    def write(temporary: Path) -> None:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-
-    _atomic_write_bytes(path, write)
-
-
-def _load_vecnormalize(vec_normalize: Any, path: Path) -> None:
-    with np.load(path, allow_pickle=False) as stats:
-        vec_normalize.obs_rms.mean = stats["obs_mean"].copy()
-        vec_normalize.obs_rms.var = stats["obs_var"].copy()
-        vec_normalize.obs_rms.count = float(stats["obs_count"])
-        vec_normalize.ret_rms.mean = stats["ret_mean"].copy()
-        vec_normalize.ret_rms.var = stats["ret_var"].copy()
-        vec_normalize.ret_rms.count = float(stats["ret_count"])
-
-
 def _make_training_env(spec: TaskSpec, seed: int) -> Any:
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-
-    from kinema.envs import make_env
-
-    vec_env = make_vec_env(lambda: make_env(spec), n_envs=PPO_RECIPE["n_envs"], seed=seed, vec_env_cls=DummyVecEnv)
-    return VecNormalize(vec_env, norm_obs=PPO_RECIPE["normalize_observations"], norm_reward=PPO_RECIPE["normalize_rewards"],
-                        gamma=PPO_RECIPE["gamma"])
+    return make_training_env(spec, seed, PPO_RECIPE)
 
 
 def _new_model(vec_env: Any, seed: int) -> Any:
-    from stable_baselines3 import PPO
-
-    return PPO(
-        "MlpPolicy", vec_env, n_steps=PPO_RECIPE["n_steps"], batch_size=PPO_RECIPE["batch_size"],
-        n_epochs=PPO_RECIPE["n_epochs"], learning_rate=PPO_RECIPE["learning_rate"], gamma=PPO_RECIPE["gamma"],
-        gae_lambda=PPO_RECIPE["gae_lambda"], clip_range=PPO_RECIPE["clip_range"], seed=seed, device="cpu", verbose=0,
-        policy_kwargs={"net_arch": {"pi": PPO_RECIPE["net_arch"], "vf": PPO_RECIPE["net_arch"]},
-                       "activation_fn": torch.nn.Tanh, "log_std_init": PPO_RECIPE["log_std_init"]},
-    )
+    return new_ppo(vec_env, seed, PPO_RECIPE, policy_kwargs={
+        "net_arch": {"pi": PPO_RECIPE["net_arch"], "vf": PPO_RECIPE["net_arch"]},
+        "activation_fn": torch.nn.Tanh, "log_std_init": PPO_RECIPE["log_std_init"]})
 
 
 def train_behaviour(
@@ -381,116 +310,53 @@ def train_behaviour(
 
     Stops at ``total_steps`` or once the last three snapshot evaluations average at least
     ``stop_at_return``. Interrupt it at any point: rerunning continues from the latest
-    checkpoint (at most one snapshot interval of work is repeated).
+    checkpoint (at most one snapshot interval of work is repeated; ``kinema.train.ppo``).
     """
     spec = get_task(task)
     request = request or TrainingRequest()
-    if request.snapshot_every % (PPO_RECIPE["n_envs"] * PPO_RECIPE["n_steps"]):
-        raise ValueError(f"snapshot_every must be a multiple of {PPO_RECIPE['n_envs'] * PPO_RECIPE['n_steps']} (one PPO rollout), got {request.snapshot_every}")
+    if request.snapshot_every % rollout_size(PPO_RECIPE):
+        raise ValueError(f"snapshot_every must be a multiple of {rollout_size(PPO_RECIPE)} (one PPO rollout), got {request.snapshot_every}")
     work_dir = Path(work_dir) if work_dir is not None else behaviour_work_dir(spec)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    state = _read_state(work_dir)
     identity = {"task": spec.name, "gym_id": spec.gym_id, "seed": request.seed, "recipe": PPO_RECIPE,
                 "snapshot_every": request.snapshot_every}
-    if state is None:
-        state = {**identity, "num_timesteps": 0, "wall_time_s": 0.0, "checkpoint": None, "curve": [], "finished": None}
-    else:
-        for key, value in identity.items():
-            if state.get(key) != value:
-                raise DatasetError(
-                    f"{work_dir / 'state.json'}: existing training has {key}={state.get(key)!r}, this request has {value!r}; "
-                    f"use another work directory or delete {work_dir} to start over"
-                )
-    state["total_steps"], state["stop_at_return"] = request.total_steps, request.stop_at_return
+    try:
+        state = open_run(work_dir, identity)
+    except PPORunError as error:
+        raise DatasetError(str(error)) from None
+    state["stop_at_return"] = request.stop_at_return
     if _reached(state["curve"], request.stop_at_return):
         log(f"[{spec.name}] already reached return {request.stop_at_return} at {state['num_timesteps']} steps")
         return state
     if state["num_timesteps"] >= request.total_steps:
-        state["finished"] = "total_steps"
-        _write_state(work_dir, state)
         log(f"[{spec.name}] already trained for {state['num_timesteps']} >= {request.total_steps} steps")
-        return state
-    state["finished"] = None
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)  # PPO's small networks: one thread is faster on a shared 2-core machine
-    try:
-        return _train(spec, request, work_dir, state, log)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _train(spec: TaskSpec, request: TrainingRequest, work_dir: Path, state: dict[str, Any], log: Any) -> dict[str, Any]:
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    vec_env = _make_training_env(spec, request.seed)
+        return run_ppo(work_dir, state, request.total_steps, request.snapshot_every, lambda: None, lambda *a: {})
     if state["checkpoint"] is None:
-        model = _new_model(vec_env, request.seed)
         log(f"[{spec.name}] starting PPO from scratch in {work_dir}")
-    else:
-        checkpoint = work_dir / state["checkpoint"]
-        # Our own file, written by this function into the user's cache.
-        model = PPO.load(str(checkpoint) + ".zip", env=vec_env, device="cpu")
-        _load_vecnormalize(vec_env, Path(str(checkpoint) + ".vecnormalize.npz"))
-        log(f"[{spec.name}] resuming from {checkpoint.name} at {model.num_timesteps} steps")
-    session_start, wall_before = time.perf_counter(), float(state["wall_time_s"])
 
-    def snapshot_and_checkpoint(current: Any) -> bool:
-        """Export + evaluate a snapshot, write a checkpoint; True when the stop return is reached."""
-        steps = int(current.num_timesteps)
-        wall = wall_before + time.perf_counter() - session_start
+    def build() -> tuple[Any, Any]:
+        vec_env = _make_training_env(spec, request.seed)
+        return _new_model(vec_env, request.seed), vec_env
+
+    def on_snapshot(model: Any, vec_env: Any, steps: int, wall: float) -> dict[str, Any]:
+        """Export the actor as a snapshot and evaluate it as it will be used for collection."""
         name = f"step_{steps:09d}"
         prefix = work_dir / "snapshots" / name
-        save_actor(current, vec_env, prefix, {"task": spec.name, "gym_id": spec.gym_id, "training_steps": steps,
-                                              "training_seed": request.seed, "recipe": PPO_RECIPE})
+        save_actor(model, vec_env, prefix, {"task": spec.name, "gym_id": spec.gym_id, "training_steps": steps,
+                                            "training_seed": request.seed, "recipe": PPO_RECIPE})
         returns = episode_returns(spec, load_actor(prefix), request.eval_episodes, seed=EVAL_SEED, num_envs=request.eval_episodes)
-        train_returns = [info["r"] for info in current.ep_info_buffer] if current.ep_info_buffer else []
-        point = {
-            "steps": steps, "wall_time_s": round(wall, 1),
-            "train_return_mean": round(float(np.mean(train_returns)), 1) if train_returns else None,
-            "eval_return_mean": round(float(returns.mean()), 1), "eval_return_std": round(float(returns.std()), 1),
-            "snapshot": f"snapshots/{name}",
-        }
-        checkpoint_name = f"checkpoints/{name}"
-        (work_dir / "checkpoints").mkdir(exist_ok=True)
-        current.save(str(work_dir / checkpoint_name) + ".zip")
-        _save_vecnormalize(vec_env, work_dir / (checkpoint_name + ".vecnormalize.npz"))
-        state["curve"] = [p for p in state["curve"] if p["steps"] < steps] + [point]
-        state.update(num_timesteps=steps, wall_time_s=round(wall, 1), checkpoint=checkpoint_name)
-        _write_state(work_dir, state)
-        _prune_checkpoints(work_dir / "checkpoints")
-        log(f"[{spec.name}] steps {steps:>9d}  wall {wall / 60:6.1f} min  train return {point['train_return_mean']}  "
-            f"eval return {point['eval_return_mean']} ± {point['eval_return_std']}")
-        return _reached(state["curve"], request.stop_at_return)
+        train_returns = [info["r"] for info in model.ep_info_buffer] if model.ep_info_buffer else []
+        point = {"train_return_mean": round(float(np.mean(train_returns)), 1) if train_returns else None,
+                 "eval_return_mean": round(float(returns.mean()), 1), "eval_return_std": round(float(returns.std()), 1),
+                 "snapshot": f"snapshots/{name}"}
+        return point
 
-    class SnapshotCallback(BaseCallback):
-        """Snapshots at rollout starts: the policy has just been updated on everything collected so far."""
+    def report(point: dict[str, Any]) -> None:  # after the checkpoint: an interrupted run resumes from here
+        log(f"[{spec.name}] steps {point['steps']:>9d}  wall {point['wall_time_s'] / 60:6.1f} min  train return "
+            f"{point['train_return_mean']}  eval return {point['eval_return_mean']} ± {point['eval_return_std']}")
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.stop = False
-            done = [p["steps"] for p in state["curve"]]
-            self.next_snapshot = (max(done) // request.snapshot_every + 1) * request.snapshot_every if done else 0
-
-        def _on_rollout_start(self) -> None:
-            if self.num_timesteps >= self.next_snapshot:
-                self.stop = snapshot_and_checkpoint(self.model)
-                self.next_snapshot = (self.num_timesteps // request.snapshot_every + 1) * request.snapshot_every
-
-        def _on_step(self) -> bool:
-            return not self.stop
-
-    callback = SnapshotCallback()
-    model.learn(total_timesteps=request.total_steps - int(model.num_timesteps), callback=callback, reset_num_timesteps=False)
-    if callback.stop:
-        state["finished"] = "stop_at_return"
-    else:
-        if state["curve"][-1]["steps"] < model.num_timesteps:
-            snapshot_and_checkpoint(model)
-        state["finished"] = "total_steps"
-    _write_state(work_dir, state)
-    vec_env.close()
+    state = run_ppo(work_dir, state, request.total_steps, request.snapshot_every, build, on_snapshot,
+                    should_stop=lambda curve: _reached(curve, request.stop_at_return), log=lambda m: log(f"[{spec.name}] {m}"),
+                    progress=report)
     log(f"[{spec.name}] finished ({state['finished']}) at {state['num_timesteps']} steps, {state['wall_time_s'] / 60:.1f} min")
     return state
 
@@ -501,13 +367,6 @@ def _reached(curve: list[dict[str, Any]], stop_at_return: float | None) -> bool:
     if stop_at_return is None or len(curve) < STOP_WINDOW:
         return False
     return float(np.mean([p["eval_return_mean"] for p in curve[-STOP_WINDOW:]])) >= stop_at_return
-
-
-def _prune_checkpoints(directory: Path) -> None:
-    zips = sorted(directory.glob("step_*.zip"))
-    for old in zips[:-CHECKPOINTS_KEPT]:
-        old.unlink(missing_ok=True)
-        Path(str(old)[: -len(".zip")] + ".vecnormalize.npz").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -541,7 +400,7 @@ def export_for_suite(
     spec = get_task(task)
     work_dir = Path(work_dir) if work_dir is not None else behaviour_work_dir(spec)
     destination = Path(destination) if destination is not None else COMMITTED_POLICIES_DIR / spec.name
-    state = _read_state(work_dir)
+    state = read_state(work_dir)
     if state is None or not state["curve"]:
         raise FileNotFoundError(f"{work_dir / 'state.json'}: no behaviour training found for {spec.name!r}; train it first")
     curve = state["curve"]
