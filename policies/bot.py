@@ -41,7 +41,9 @@ VARIANTS = ("hard", "mix", "vanilla")
 
 
 @dataclass
-class BoTConfig:
+class BoTNetwork:
+    """The Body Transformer's model fields (what kinema-rl and the ``ppo`` family take too)."""
+
     variant: str = "mix"  # hard | mix | vanilla (see the module docstring)
     embed_dim: int = 128
     n_layers: int = 4
@@ -51,9 +53,6 @@ class BoTConfig:
     hops: int = 1  # masked layers attend within this many hops of the body graph
     first_masked_layer: int = 0  # mix: which of layers 0 and 1 is the first masked one
     body_graph: Optional[str] = None  # an explicit layout file (bodygraph.json); null = derived from the task's MuJoCo model
-    # BC's recipe: Adam 3e-4 (AdamW with no weight decay), batch 256.
-    recipe: Recipe = field(default_factory=lambda: Recipe(batch_size=256, lr=3.0e-4))
-    inference: InferenceOptions = field(default_factory=InferenceOptions)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -68,6 +67,15 @@ class BoTConfig:
             raise ValueError(f"first_masked_layer must be 0 or 1, got {self.first_masked_layer!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class BoTConfig(BoTNetwork):
+    """policy=bot: the network, and how it trains offline."""
+
+    # BC's recipe: Adam 3e-4 (AdamW with no weight decay), batch 256.
+    recipe: Recipe = field(default_factory=lambda: Recipe(batch_size=256, lr=3.0e-4))
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
 
 
 def layer_masks(variant: str, n_layers: int, first_masked_layer: int = 0) -> list[bool]:
@@ -97,7 +105,7 @@ class BodyTransformerEncoder(nn.Module):
     into a zero-padded row, and each node's weights are zero where its row is padding.
     """
 
-    def __init__(self, graph: Any, config: BoTConfig):
+    def __init__(self, graph: Any, config: BoTNetwork):
         super().__init__()
         from kinema.envs.bodygraph import BodyGraph
 

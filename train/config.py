@@ -166,3 +166,40 @@ class CollectConfig:
 class BodyGraphConfig:
     env: Optional[str] = None  # task name (hopper, ant, humanoid, ...) or a Gymnasium MuJoCo id
     body_graph: Optional[str] = None  # an explicit layout (bodygraph.json) to check against env and draw
+
+
+# -- kinema-rl -----------------------------------------------------------------------------------
+
+RL_NETWORKS = ("bot", "mlp")
+
+
+def _bot_network() -> Any:
+    from kinema.policies.bot import BoTNetwork
+
+    return BoTNetwork()
+
+
+@dataclass
+class RLConfig:
+    env: str = "hopper"  # task name (hopper, walker2d, halfcheetah, ant, humanoid) or a Gymnasium MuJoCo id
+    seed: int = 0
+    network: str = "bot"  # bot: Body Transformer actor and critic | mlp: stable-baselines3's default MlpPolicy (64x64 tanh)
+    bot: Any = field(default_factory=_bot_network)  # network=bot: kinema.policies.bot.BoTNetwork (variant, embed_dim, ...)
+    total_steps: int = 1_000_000  # environment steps
+    snapshot_every: int = 20480  # evaluate, export checkpoint/ and save a resumable learner every N steps (5 PPO rollouts)
+    eval_episodes: int = 10  # episodes per evaluation (deterministic actions); episode i is seeded eval_seed + i
+    eval_seed: int = 1000
+
+    def check(self) -> None:
+        from kinema.train.ppo import PPO_RECIPE, rollout_size
+
+        _require_int(self.seed, "seed", 0)
+        _require_int(self.total_steps, "total_steps", 1)
+        _require_int(self.snapshot_every, "snapshot_every", 1)
+        _require_int(self.eval_episodes, "eval_episodes", 1)
+        _require_int(self.eval_seed, "eval_seed", 0)
+        if self.network not in RL_NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(RL_NETWORKS)}, got {self.network!r}")
+        if self.snapshot_every % rollout_size(PPO_RECIPE):
+            raise ValueError(f"snapshot_every must be a multiple of {rollout_size(PPO_RECIPE)} (one PPO rollout: "
+                             f"{PPO_RECIPE['n_envs']} environments x {PPO_RECIPE['n_steps']} steps), got {self.snapshot_every}")
