@@ -104,6 +104,12 @@ class Variant:
 VARIANTS = {
     "dt_full": Variant("dt", {"attention_window": 0}, "full context"),  # the paper's DT (kinema's default is banded)
     "at_final": Variant("at", {"loss_on": "final_trial"}, "loss on the final trial"),  # AT's other loss choice
+    # The Body Transformer study (issue: BoT >= vanilla transformer and MLP?): the three BoT variants have the
+    # same parameters; bc_matched is BC's MLP widened to about BoT's count (4x64: 142k on ant, 138k on walker2d).
+    "bot_hard": Variant("bot", {"variant": "hard"}, "hard"),
+    "bot_mix": Variant("bot", {"variant": "mix"}, "mix"),
+    "bot_vanilla": Variant("bot", {"variant": "vanilla"}, "vanilla (no body mask)"),
+    "bc_matched": Variant("bc", {"hidden_dims": [360, 360]}, "360x360, matched to BoT's parameters"),
 }
 WARMUP_FRACTION = 0.1  # a recipe's warm-up, if it has one, is 10% of the budget (DT: 10k of 100k steps)
 EVAL_JSON, TRIALS_JSON, CELL_JSON, DATASET_JSON, LOCK = "eval.json", "trials.json", "cell.json", "dataset.json", ".lock"

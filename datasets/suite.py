@@ -411,7 +411,8 @@ def verify_dataset_file(path: Path, entry: dict[str, Any], name: str, manifest_p
         raise DatasetError(
             f"{path}: regenerated {name} has sha256 {actual}, but the suite manifest {manifest_path} expects {expected}; "
             f"{mismatch}. Regeneration is deterministic only with the library versions and the CPU vector unit the "
-            f"manifest records under 'libraries' (yours: {library_versions()}); the file was kept for inspection."
+            f"manifest records for it ({entry.get('libraries', 'under libraries')}; yours: {library_versions()}); "
+            "the file was kept for inspection."
         )
     raise DatasetError(
         f"{path}: sha256 {actual} does not match the suite manifest {manifest_path} for {name} (expected {expected}); "
@@ -527,10 +528,10 @@ def build_manifest(
     tasks = tasks or [t for t in SUITE_TASKS if (policies_root / t / "policies.json").is_file()]
     if not tasks:
         raise FileNotFoundError(f"{policies_root}: no committed behaviour policies; train and export them first")
-    manifest.update(
-        default_transitions=DEFAULT_TRANSITIONS, full_transitions=FULL_TRANSITIONS, libraries=library_versions(),
-        note=MANIFEST_NOTE,
-    )
+    # Top-level libraries: where the manifest was first built; each dataset records its own below, since
+    # a task rebuilt later (on another machine) may come from another CPU vector unit.
+    manifest.setdefault("libraries", library_versions())
+    manifest.update(default_transitions=DEFAULT_TRANSITIONS, full_transitions=FULL_TRANSITIONS, note=MANIFEST_NOTE)
     manifest["size"] = size
     for task in tasks:
         previous = manifest["tasks"].get(task)
@@ -566,7 +567,7 @@ def build_manifest(
                 "behaviour_training_steps": dataset.metadata["behaviour_training_steps"],
                 "collection_seed": dataset.metadata["collection_seed"],
                 "size_bytes": path.stat().st_size, "regeneration_s": round(elapsed, 1),
-                "sha256": sha256_of_file(path), **content_record(path),
+                "sha256": sha256_of_file(path), **content_record(path), "libraries": library_versions(),
             }
             log(f"[{name}] {summary['transitions']} transitions, {summary['episodes']} episodes, "
                 f"return {summary['return_mean']:.1f} [{summary['return_min']:.1f}, {summary['return_max']:.1f}], {elapsed:.0f} s")

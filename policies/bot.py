@@ -45,10 +45,10 @@ class BoTNetwork:
     """The Body Transformer's model fields (what kinema-rl and the ``ppo`` family take too)."""
 
     variant: str = "mix"  # hard | mix | vanilla (see the module docstring)
-    embed_dim: int = 128
+    embed_dim: int = 64
     n_layers: int = 4
-    n_heads: int = 4
-    mlp_ratio: int = 2  # feed-forward width = mlp_ratio * embed_dim (the official code: 256 for 128)
+    n_heads: int = 2
+    mlp_ratio: int = 2  # feed-forward width = mlp_ratio * embed_dim (as the official code: 256 for 128)
     dropout: float = 0.0
     hops: int = 1  # masked layers attend within this many hops of the body graph
     first_masked_layer: int = 0  # mix: which of layers 0 and 1 is the first masked one

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kinema.benchmarks import bench_utils, chain_cost, eval_throughput, latency, quality, readme_tables, train_speed
+from kinema.benchmarks import bench_utils, bot_speed, chain_cost, eval_throughput, latency, quality, readme_tables, train_speed
 
 REPO = Path(__file__).resolve().parents[2]
 MACHINE_KEYS = {"cpu_model", "torch_version", "torch_default_threads", "date", "git_commit"}
@@ -34,6 +34,7 @@ def results(tmp_path_factory) -> Path:
     train_speed.main(["--quick", "--out", str(out / "train_speed.json")])
     latency.main(["--quick", "--out", str(out / "latency.json")])
     eval_throughput.main(["--quick", "--out", str(out / "eval_throughput.json")])
+    bot_speed.main(["--quick", "--out", str(out / "bot_speed.json")])
     tiny = tiny_hopper_dataset(out)
     quality.main(["--quick", "--policies", "dt,at,hf_dt,bc", "--dataset-path", f"tiny={tiny}", "--results-dir", str(out)])
     chain_cost.main(["--quick", "--dataset-path", str(tiny), "--train-speed", str(out / "train_speed.json"),
@@ -120,6 +121,18 @@ def test_latency_json(results: Path) -> None:
     for stat in entry["act_latency"].values():
         assert stat["count"] == steps and stat["p99_ms"] >= stat["median_ms"] > 0
         assert "sliding_median_ms" in stat  # the quick episode outlasts the context
+
+
+def test_bot_speed_json(results: Path) -> None:
+    data = load(results, "bot_speed")
+    counts = data["parameters"]
+    assert counts["bot_hard"] == counts["bot_mix"] == counts["bot_vanilla"]
+    assert abs(counts["mlp_matched"] / counts["bot_mix"] - 1) < 0.05  # "matched" means it
+    assert [(e["batch"], e["threads"]) for e in data["results"]] == [(1, 1), (4, 1)]
+    for entry in data["results"]:
+        for what in ("train_step", "act"):
+            assert set(entry[what]) == set(bot_speed.MODELS) and all(s["count"] == 3 for s in entry[what].values())
+            assert set(entry["bot_mix_over"][what]) == {"bot_vanilla", "mlp_matched", "mlp"}
 
 
 def test_eval_throughput_json(results: Path) -> None:
