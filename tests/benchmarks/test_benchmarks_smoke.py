@@ -428,3 +428,17 @@ def test_hf_dt_end_episode_restarts_that_environment_only() -> None:
     restarted = play(fresh, observations[4:], slice(1, 2))
     for ours, theirs in zip(after, restarted):
         torch.testing.assert_close(ours[1], theirs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rl_quality_runs_both_networks_and_resumes_finished_runs_without_work(tmp_path: Path) -> None:
+    from kinema.benchmarks import rl_quality
+
+    data = rl_quality.main(["--quick", "--results-dir", str(tmp_path)])
+    check_record(data, "rl_quality")
+    assert set(data["summary"]["hopper"]) == {"bot", "mlp"}
+    for run in data["runs"]:
+        assert [p["steps"] for p in run["curve"]] == [0, 4096, 8192] and run["final"]["step"] == 8192
+        assert run["git_commit"] and (tmp_path / "rl_runs" / "hopper" / run["network"] / "seed0" / "cell.json").is_file()
+    assert (tmp_path / "rl_quality.png").read_bytes()[:4] == b"\x89PNG"
+    again = rl_quality.main(["--quick", "--results-dir", str(tmp_path)])  # finished: evaluated again, not retrained
+    assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in data["runs"]]
