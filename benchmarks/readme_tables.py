@@ -178,7 +178,7 @@ def _flag_marks(row: dict[str, Any]) -> str:
     return "".join(FLAG_MARKERS[flag] for flag in FLAG_MARKERS if flag in row.get("flags", {}))
 
 
-def quality_section(data: dict[str, Any]) -> str:
+def quality_section(data: dict[str, Any], file: str = "quality.json") -> str:
     protocol = data["protocol"]
     table = data["table"]
     # Labels and column order as quality.json recorded them; results written before it did use the policy names.
@@ -232,8 +232,45 @@ def quality_section(data: dict[str, Any]) -> str:
     pending = [c for c in data.get("grid_status", []) if not c["state"].startswith("done")]
     if pending:
         parts.append(f"Grid in progress: {len(pending)} of {len(data['grid_status'])} cells not finished yet.")
-    parts.append(_provenance(data, "quality.json"))
+    parts.append(_provenance(data, file))
     return "\n\n".join(parts)
+
+
+def body_quality_section(data: dict[str, Any]) -> str:
+    intro = ("**Body Transformer, offline** (the paper's claim: BoT ≥ a vanilla transformer and an MLP): behaviour "
+             "cloning with BoT-Hard, BoT-Mix, the same transformer without the body mask, and BC's MLP widened to "
+             "BoT's parameter count (`bot_speed` below lists the counts).")
+    return intro + "\n\n" + quality_section(data, "body/quality.json")
+
+
+def bot_speed_section(data: dict[str, Any]) -> str:
+    counts = data["parameters"]
+    rows = []
+    for entry in data["results"]:
+        for name in counts:
+            rows.append([entry["threads"], entry["batch"], name, f"{counts[name]:,}", _fmt(entry["train_step"][name]["median_ms"]),
+                         _fmt(entry["act"][name]["median_ms"], 3)])
+    ratios = "; ".join(
+        f"batch {e['batch']}, {e['threads']} thread(s): BoT-Mix / vanilla {e['bot_mix_over']['train_step']['bot_vanilla']}× "
+        f"(train), {e['bot_mix_over']['act']['bot_vanilla']}× (act); BoT-Mix / matched MLP "
+        f"{e['bot_mix_over']['train_step']['mlp_matched']}× (train), {e['bot_mix_over']['act']['mlp_matched']}× (act)"
+        for e in data["results"])
+    intro = (f"**Body Transformer compute** on {data['config']['task']} (medians, interleaved): a training step "
+             "(loss, backward, Adam) and one `act` call.")
+    return "\n\n".join([intro, _table(["threads", "batch", "model", "parameters", "train step ms", "act ms"], rows),
+                        f"Ratios: {ratios}.", _provenance(data, "bot_speed.json")])
+
+
+def rl_quality_section(data: dict[str, Any]) -> str:
+    labels = {"bot": "PPO, BoT-Mix", "mlp": "PPO, SB3 default MLP"}
+    rows = [[task, labels.get(network, network), f"{s['return_mean']:.1f} ± {s['return_std']:.1f}", len(s["seeds"]),
+             ", ".join(str(v) for v in s["steps"])]
+            for task, by_network in data["summary"].items() for network, s in by_network.items()]
+    config = data["config"]
+    intro = ("**Body Transformer, online** (`kinema-rl`, PPO with the suite's recipe): last evaluation return "
+             f"({config['eval_episodes']} deterministic episodes), mean ± std over seeds; curves in "
+             "`benchmarks/results/rl_quality.png`.")
+    return "\n\n".join([intro, _table(["task", "policy", "return", "seeds", "steps"], rows), _provenance(data, "rl_quality.json")])
 
 
 def chain_cost_section(data: dict[str, Any]) -> str:
@@ -258,12 +295,16 @@ def chain_cost_section(data: dict[str, Any]) -> str:
     return "\n\n".join([intro, _table(headers, rows), _provenance(data, "chain_cost.json")])
 
 
+# Result file (relative to the results folder) -> the section that renders it, in README order.
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "train_speed": train_speed_section,
     "latency": latency_section,
     "eval_throughput": eval_throughput_section,
     "quality": quality_section,
     "chain_cost": chain_cost_section,
+    "body/quality": body_quality_section,
+    "bot_speed": bot_speed_section,
+    "rl_quality": rl_quality_section,
 }
 
 

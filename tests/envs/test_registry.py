@@ -8,13 +8,15 @@ from kinema.envs import TaskSpec, get_task, list_tasks, make_env, make_vector_en
 
 
 def test_builtin_tasks_carry_d4rl_references():
-    assert list_tasks() == ["hopper", "halfcheetah", "walker2d", "ant"]
+    assert list_tasks() == ["hopper", "halfcheetah", "walker2d", "ant", "humanoid"]
     hopper = get_task("hopper")
     assert (hopper.gym_id, hopper.max_episode_steps) == ("Hopper-v5", 1000)
     assert (hopper.d4rl_ref_min, hopper.d4rl_ref_max) == (-20.272305, 3234.3)
     assert (get_task("walker2d").d4rl_ref_min, get_task("walker2d").d4rl_ref_max) == (1.629008, 4592.3)
     assert (get_task("halfcheetah").d4rl_ref_min, get_task("halfcheetah").d4rl_ref_max) == (-280.178953, 12135.0)
     assert (get_task("ant").d4rl_ref_min, get_task("ant").d4rl_ref_max) == (-325.6, 3879.7)
+    humanoid = get_task("humanoid")  # D4RL has no humanoid: no references
+    assert (humanoid.gym_id, humanoid.d4rl_ref_min, humanoid.d4rl_ref_max) == ("Humanoid-v5", None, None)
 
 
 def test_gymnasium_ids_resolve():
