@@ -54,7 +54,8 @@ def build_models(task: str = TASK) -> dict[str, Any]:
 
 
 def parameter_count(policy: Any) -> int:
-    return sum(p.numel() for p in policy.parameters())
+    """Parameters that take part (BoT's batched per-node maps have padding, which is not counted)."""
+    return getattr(policy, "trained_parameter_count", None) or sum(p.numel() for p in policy.parameters())
 
 
 def train_step(policy: Any, batch_size: int) -> Callable[[], float]:

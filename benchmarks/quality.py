@@ -807,8 +807,8 @@ def run_grid(record: RunRecord, results_dir: Path, grid: Grid) -> None:
         state = grid.state(seed, dataset, policy, digest)
         if state.finished and not (grid.args.rerun_stale and state.flags):
             continue
-        if not claim(run_dir):
-            print(f"{label}: being trained by pid {lock_owner(run_dir)}, skipped", flush=True)
+        if not claim(run_dir) and not (time.sleep(0.5) or claim(run_dir)):  # once more: another worker may only have probed it
+            print(f"{label}: being trained by pid {lock_owner(run_dir) or '?'}, skipped", flush=True)
             continue
         try:
             state = grid.state(seed, dataset, policy, digest)  # another worker may have finished it meanwhile

@@ -267,7 +267,7 @@ def rl_quality_section(data: dict[str, Any]) -> str:
              ", ".join(str(v) for v in s["steps"])]
             for task, by_network in data["summary"].items() for network, s in by_network.items()]
     config = data["config"]
-    intro = ("**Body Transformer, online** (`kinema-rl`, PPO with the suite's recipe): last evaluation return "
+    intro = ("**Body Transformer, online** (`kinema-rl`, PPO with the behaviour policies' hyper-parameters): last evaluation return "
              f"({config['eval_episodes']} deterministic episodes), mean ± std over seeds; curves in "
              "`benchmarks/results/rl_quality.png`.")
     return "\n\n".join([intro, _table(["task", "policy", "return", "seeds", "steps"], rows), _provenance(data, "rl_quality.json")])

@@ -3,11 +3,11 @@
     python benchmarks/rl_quality.py                                  # ant and hopper, 3 seeds, 500k steps each
     python benchmarks/rl_quality.py --tasks ant --seeds 1 --steps 40960
     python benchmarks/rl_quality.py --status                         # report and rebuild the JSON and PNG only
-    python benchmarks/rl_quality.py --quick                          # a smoke run
+    python benchmarks/rl_quality.py --quick --results-dir /tmp/rl    # a smoke run
 
 Each run is ``kinema-rl`` (``kinema.train.rl.run_rl``) in its own directory,
-``<results>/rl_runs/<task>/<network>/seed<k>/``: the same PPO recipe (``kinema.train.ppo.PPO_RECIPE``)
-for both networks, evaluation of the exported actor every ``--snapshot-every`` steps over
+``<results>/rl_runs/<task>/<network>/seed<k>/``: the same PPO hyper-parameters (``kinema.train.ppo.PPO_RECIPE``)
+for both networks (BoT-Mix at its defaults, 4x64; SB3's default MlpPolicy, 64x64), evaluation of the exported actor every ``--snapshot-every`` steps over
 ``--eval-episodes`` deterministic episodes. Runs resume where they stopped (kill it at any time and
 run the same command again); finished runs are skipped. After every run ``<results>/rl_quality.json``
 (per run: the curve and the final evaluation; per task and network: mean ± std over seeds of the last
@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from kinema.benchmarks.bench_utils import RunRecord, git_commit, print_table, require_positive, results_dir_or_error, write_json
+from kinema.policies.ppo import NETWORKS
 
 NAME = "rl_quality"
-NETWORKS = ("bot", "mlp")
 LABELS = {"bot": "PPO, BoT-Mix (4x64)", "mlp": "PPO, SB3 default MLP (64x64)"}
 RUNS_GITIGNORE = "# Only the small result files of each run are committed.\n*\n!*/\n!.gitignore\n!curve.json\n!eval.json\n!cell.json\n"
 
@@ -38,13 +38,20 @@ def run_dir(results: Path, task: str, network: str, seed: int) -> Path:
     return results / "rl_runs" / task / network / f"seed{seed}"
 
 
-def train_one(results: Path, task: str, network: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_config(task: str, network: str, seed: int, args: argparse.Namespace) -> Any:
     from kinema.policies.bot import BoTNetwork
     from kinema.train.config import RLConfig
-    from kinema.train.rl import run_rl
 
     config = RLConfig(env=task, seed=seed, network=network, bot=BoTNetwork(variant="mix"), total_steps=args.steps,
                       snapshot_every=args.snapshot_every, eval_episodes=args.eval_episodes)
+    config.check()
+    return config
+
+
+def train_one(results: Path, task: str, network: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    from kinema.train.rl import run_rl
+
+    config = run_config(task, network, seed, args)
     directory = run_dir(results, task, network, seed)
     cell = directory / "cell.json"
     if not cell.is_file():  # the commit that started the run (a resumed run keeps it)
@@ -119,19 +126,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results/ in a checkout")
     args = parser.parse_args(argv)
     if args.quick:
+        if args.results_dir is None:  # smoke runs never mix into the committed results
+            parser.error("--quick needs --results-dir DIR (its runs differ from the committed ones)")
         args.tasks, args.seeds, args.steps, args.snapshot_every, args.eval_episodes = "hopper", 1, 8192, 4096, 2
     require_positive(parser, args, ("seeds", "steps", "snapshot_every", "eval_episodes"))
     results = results_dir_or_error(parser, args.results_dir)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        for task in tasks:
+            for network in NETWORKS:
+                run_config(task, network, 0, args)  # every value checked before any work
+    except ValueError as error:
+        parser.error(str(error))
     record = RunRecord(NAME, argv)
     (results / "rl_runs").mkdir(parents=True, exist_ok=True)
     (results / "rl_runs" / ".gitignore").write_text(RUNS_GITIGNORE)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.status:
         for seed in range(args.seeds):  # seed-major: every network and task gets seed 0 before any gets seed 1
             for task in tasks:
                 for network in NETWORKS:
                     print(f"{task} / {network} / seed {seed}", flush=True)
-                    train_one(results, task, network, seed, args)
+                    try:
+                        train_one(results, task, network, seed, args)
+                    except ValueError as error:  # e.g. a run directory started with other settings
+                        parser.error(f"{task} / {network} / seed {seed}: {error}")
                     data = aggregate(results)
                     write_json(results / f"{NAME}.json", {**record.data, **data})
                     plot(data, results / f"{NAME}.png")

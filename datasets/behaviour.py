@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from kinema.envs import TaskSpec, get_task
 
 from kinema.train.ppo import (
-    PPO_RECIPE, PPORunError, atomic_write, make_training_env, new_ppo, open_run, read_state, rollout_size, run_ppo,
+    PPO_RECIPE, PPORunError, atomic_write, make_training_env, new_ppo, open_run, read_state, require_whole_rollouts, run_ppo,
 )
 
 from .collect import episode_returns, require_matching_spaces
@@ -52,6 +52,9 @@ SNAPSHOT_FORMAT = "kinema-behaviour-actor/1"
 COMMITTED_POLICIES_DIR = Path(__file__).resolve().parent / "behaviour_policies"
 POLICIES_MANIFEST = "policies.json"
 
+# The behaviour policies' networks: 256x256 tanh, log_std_init -1; with PPO_RECIPE, what policies.json records.
+BEHAVIOUR_NETWORK: dict[str, Any] = {"net_arch": [256, 256], "activation": "tanh", "log_std_init": -1.0}
+BEHAVIOUR_RECIPE: dict[str, Any] = {**PPO_RECIPE, **BEHAVIOUR_NETWORK}
 # Snapshot spacing: 5 PPO updates (5 × 8 × 512 steps).
 DEFAULT_SNAPSHOT_EVERY = 20_480
 SNAPSHOT_EVAL_EPISODES = 5
@@ -296,8 +299,8 @@ def _make_training_env(spec: TaskSpec, seed: int) -> Any:
 
 def _new_model(vec_env: Any, seed: int) -> Any:
     return new_ppo(vec_env, seed, PPO_RECIPE, policy_kwargs={
-        "net_arch": {"pi": PPO_RECIPE["net_arch"], "vf": PPO_RECIPE["net_arch"]},
-        "activation_fn": torch.nn.Tanh, "log_std_init": PPO_RECIPE["log_std_init"]})
+        "net_arch": {"pi": BEHAVIOUR_NETWORK["net_arch"], "vf": BEHAVIOUR_NETWORK["net_arch"]},
+        "activation_fn": torch.nn.Tanh, "log_std_init": BEHAVIOUR_NETWORK["log_std_init"]})
 
 
 def train_behaviour(
@@ -314,10 +317,9 @@ def train_behaviour(
     """
     spec = get_task(task)
     request = request or TrainingRequest()
-    if request.snapshot_every % rollout_size(PPO_RECIPE):
-        raise ValueError(f"snapshot_every must be a multiple of {rollout_size(PPO_RECIPE)} (one PPO rollout), got {request.snapshot_every}")
+    require_whole_rollouts(request.snapshot_every, PPO_RECIPE)  # before the work directory is made
     work_dir = Path(work_dir) if work_dir is not None else behaviour_work_dir(spec)
-    identity = {"task": spec.name, "gym_id": spec.gym_id, "seed": request.seed, "recipe": PPO_RECIPE,
+    identity = {"task": spec.name, "gym_id": spec.gym_id, "seed": request.seed, "recipe": BEHAVIOUR_RECIPE,
                 "snapshot_every": request.snapshot_every}
     try:
         state = open_run(work_dir, identity)
@@ -342,13 +344,10 @@ def train_behaviour(
         name = f"step_{steps:09d}"
         prefix = work_dir / "snapshots" / name
         save_actor(model, vec_env, prefix, {"task": spec.name, "gym_id": spec.gym_id, "training_steps": steps,
-                                            "training_seed": request.seed, "recipe": PPO_RECIPE})
+                                            "training_seed": request.seed, "recipe": BEHAVIOUR_RECIPE})
         returns = episode_returns(spec, load_actor(prefix), request.eval_episodes, seed=EVAL_SEED, num_envs=request.eval_episodes)
-        train_returns = [info["r"] for info in model.ep_info_buffer] if model.ep_info_buffer else []
-        point = {"train_return_mean": round(float(np.mean(train_returns)), 1) if train_returns else None,
-                 "eval_return_mean": round(float(returns.mean()), 1), "eval_return_std": round(float(returns.std()), 1),
-                 "snapshot": f"snapshots/{name}"}
-        return point
+        return {"eval_return_mean": round(float(returns.mean()), 1), "eval_return_std": round(float(returns.std()), 1),
+                "snapshot": f"snapshots/{name}"}
 
     def report(point: dict[str, Any]) -> None:  # after the checkpoint: an interrupted run resumes from here
         log(f"[{spec.name}] steps {point['steps']:>9d}  wall {point['wall_time_s'] / 60:6.1f} min  train return "

@@ -227,9 +227,12 @@ class Policy(nn.Module):
     # normalises with (normalize_obs): feature -> statistics, e.g. {"actions": ("min", "max")}.
     required_stats: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Task structure the family needs in ``spec.structure`` (e.g. "body_graph"): the trainer derives
-    # each from the task (kinema.envs.task_structure), or reads the file the family's config field
+    # each from the task (kinema.envs.structure.task_structure), or reads the file the family's config field
     # of the same name gives.
     required_structure: ClassVar[tuple[str, ...]] = ()
+    # False for a family whose weights come from elsewhere (``ppo``: kinema-rl); kinema-train refuses it.
+    trains_offline: ClassVar[bool] = True
+    offline_hint: ClassVar[str] = ""  # what to run instead, for that refusal
     # Keyword arguments reset() takes (e.g. DT's target_return); evaluation hands over only these.
     conditioning: ClassVar[tuple[str, ...]] = ()
     # True when act() depends on the current observation only (BC): episode ends need nothing.

@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -102,12 +101,13 @@ class BodyTransformerEncoder(nn.Module):
     """Normalised observations (B, obs_dim) -> one token per body node (B, nodes, embed_dim).
 
     All nodes' tokenizers run as one batched matmul: each node's observation slice is gathered
-    into a zero-padded row, and each node's weights are zero where its row is padding.
+    into a zero-padded row; each node's weights are initialised at zero where its row is padding
+    and never receive a gradient there (``padding_weights`` counts them).
     """
 
     def __init__(self, graph: Any, config: BoTNetwork):
         super().__init__()
-        from kinema.envs.bodygraph import BodyGraph
+        from kinema.policies.body_graph import BodyGraph
 
         if not isinstance(graph, BodyGraph):
             raise TypeError(f"expected a BodyGraph, got {type(graph).__name__}")
@@ -115,7 +115,8 @@ class BodyTransformerEncoder(nn.Module):
         obs_index, obs_valid = _index_matrix([node.obs_indices for node in graph.nodes])
         self.register_buffer("obs_index", obs_index, persistent=False)
         self.register_buffer("obs_valid", obs_valid, persistent=False)
-        self.token_weight = nn.Parameter(torch.randn(nodes, obs_index.shape[1], dim) / np.sqrt(obs_index.shape[1]))
+        fan_in = obs_valid.sum(dim=1).clamp(min=1).to(torch.float32)  # each node's own width
+        self.token_weight = nn.Parameter(torch.randn(nodes, obs_index.shape[1], dim) * obs_valid[..., None] / fan_in.sqrt()[:, None, None])
         self.token_bias = nn.Parameter(torch.zeros(nodes, dim))
         self.node_embedding = nn.Parameter(torch.zeros(nodes, dim))
         self.blocks = nn.ModuleList(Block(dim, config.n_heads, config.dropout, 0.0, config.mlp_ratio) for _ in range(config.n_layers))
@@ -130,8 +131,13 @@ class BodyTransformerEncoder(nn.Module):
     def num_nodes(self) -> int:
         return self.token_bias.shape[0]
 
+    @property
+    def padding_weights(self) -> int:
+        return int((~self.obs_valid).sum()) * self.token_weight.shape[2]
+
     def forward(self, normalized_obs: torch.Tensor) -> torch.Tensor:
-        gathered = normalized_obs[:, self.obs_index] * self.obs_valid  # (B, nodes, widest)
+        # where, not a product: a non-finite value at index 0 must not leak into other nodes' padding.
+        gathered = torch.where(self.obs_valid, normalized_obs[:, self.obs_index], 0.0)  # (B, nodes, widest)
         tokens = torch.einsum("bni,nid->bnd", gathered, self.token_weight) + self.token_bias + self.node_embedding
         for block, masked in zip(self.blocks, self.layer_is_masked):
             tokens = block(tokens, mask=self.graph_mask if masked else None)
@@ -153,6 +159,7 @@ class NodeDetokenizer(nn.Module):
         self.register_buffer("action_source", source, persistent=False)
         self.weight = nn.Parameter(torch.randn(len(graph.nodes), embed_dim, width) * 0.02 * act_valid[:, None, :])
         self.bias = nn.Parameter(torch.zeros(len(graph.nodes), width))
+        self.padding_weights = int((~act_valid).sum()) * (embed_dim + 1)  # never read: no gradient
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         per_node = torch.einsum("bnd,ndo->bno", tokens, self.weight) + self.bias
@@ -160,7 +167,7 @@ class NodeDetokenizer(nn.Module):
 
 
 def body_graph_from_spec(spec: PolicySpec) -> Any:
-    from kinema.envs.bodygraph import BodyGraph
+    from kinema.policies.body_graph import BodyGraph
 
     data = spec.structure.get("body_graph")
     if data is None:
@@ -187,6 +194,11 @@ class BoTPolicy(Policy):
     @property
     def batch_spec(self) -> BatchSpec:
         return BatchSpec("transitions")
+
+    @property
+    def trained_parameter_count(self) -> int:
+        """Parameters that take part (the padding of the batched per-node maps left out)."""
+        return sum(p.numel() for p in self.parameters()) - self.encoder.padding_weights - self.detokenizer.padding_weights
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         """Unit-box action for raw observations."""

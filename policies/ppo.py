@@ -27,7 +27,7 @@ from kinema.policies import register_policy
 from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe
 from kinema.policies.bot import BodyTransformerEncoder, BoTNetwork, NodeDetokenizer, body_graph_from_spec
 
-NETWORKS = ("mlp", "bot")
+NETWORKS = ("bot", "mlp")  # also kinema-rl's choices
 
 
 @dataclass
@@ -84,6 +84,8 @@ class PPOActorPolicy(Policy):
     label = "PPO actor"
     config_class = PPOActorConfig
     stateless = True
+    trains_offline = False
+    offline_hint = "train one online with kinema-rl env=<task> network=mlp|bot"
 
     def __init__(self, config: PPOActorConfig, spec: PolicySpec, stats: NormStats):
         super().__init__(config, spec, stats)
@@ -95,10 +97,10 @@ class PPOActorPolicy(Policy):
 
     @property
     def batch_spec(self) -> BatchSpec:
-        raise ValueError("policy=ppo holds an actor trained online; train one with kinema-rl env=<task> network=mlp|bot")
+        raise ValueError(f"policy=ppo holds an actor trained online; {self.offline_hint}")
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        raise ValueError("policy=ppo holds an actor trained online; train one with kinema-rl env=<task> network=mlp|bot")
+        raise ValueError(f"policy=ppo holds an actor trained online; {self.offline_hint}")
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         """The mean action for raw observations, in the task's units (not yet clipped)."""

@@ -170,9 +170,6 @@ class BodyGraphConfig:
 
 # -- kinema-rl -----------------------------------------------------------------------------------
 
-RL_NETWORKS = ("bot", "mlp")
-
-
 def _bot_network() -> Any:
     from kinema.policies.bot import BoTNetwork
 
@@ -191,15 +188,14 @@ class RLConfig:
     eval_seed: int = 1000
 
     def check(self) -> None:
-        from kinema.train.ppo import PPO_RECIPE, rollout_size
+        from kinema.policies.ppo import NETWORKS
+        from kinema.train.ppo import PPO_RECIPE, require_whole_rollouts
 
         _require_int(self.seed, "seed", 0)
         _require_int(self.total_steps, "total_steps", 1)
         _require_int(self.snapshot_every, "snapshot_every", 1)
         _require_int(self.eval_episodes, "eval_episodes", 1)
         _require_int(self.eval_seed, "eval_seed", 0)
-        if self.network not in RL_NETWORKS:
-            raise ValueError(f"network must be one of {', '.join(RL_NETWORKS)}, got {self.network!r}")
-        if self.snapshot_every % rollout_size(PPO_RECIPE):
-            raise ValueError(f"snapshot_every must be a multiple of {rollout_size(PPO_RECIPE)} (one PPO rollout: "
-                             f"{PPO_RECIPE['n_envs']} environments x {PPO_RECIPE['n_steps']} steps), got {self.snapshot_every}")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        require_whole_rollouts(self.snapshot_every, PPO_RECIPE)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+# PPO's hyper-parameters (the networks are the caller's: behaviour policies and kinema-rl differ).
 PPO_RECIPE: dict[str, Any] = {
     "n_envs": 8,
     "n_steps": 512,
@@ -34,9 +35,6 @@ PPO_RECIPE: dict[str, Any] = {
     "gamma": 0.99,
     "gae_lambda": 0.95,
     "clip_range": 0.2,
-    "net_arch": [256, 256],
-    "activation": "tanh",
-    "log_std_init": -1.0,
     "normalize_observations": True,
     "normalize_rewards": True,
 }
@@ -50,6 +48,13 @@ class PPORunError(ValueError):
 
 def rollout_size(recipe: dict[str, Any]) -> int:
     return int(recipe["n_envs"]) * int(recipe["n_steps"])
+
+
+def require_whole_rollouts(snapshot_every: int, recipe: dict[str, Any], key: str = "snapshot_every") -> None:
+    """Snapshots fall on rollout boundaries: the interval must be a whole number of rollouts."""
+    if snapshot_every % rollout_size(recipe):
+        raise PPORunError(f"{key} must be a multiple of {rollout_size(recipe)} (one PPO rollout: {recipe['n_envs']} "
+                          f"environments x {recipe['n_steps']} steps), got {snapshot_every}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -157,14 +162,14 @@ def run_ppo(
 
     ``build()`` returns a new ``(model, vec_env)``; on resume the model is replaced by the saved
     learner and the VecNormalize statistics are restored. ``on_snapshot(model, vec_env, steps,
-    wall_time_s)`` exports and evaluates the current policy and returns its curve point.
+    wall_time_s)`` exports and evaluates the current policy and returns its curve point (steps,
+    wall time and the mean return of the last 100 training episodes are added here).
     ``progress``, when given, is called with each curve point once its checkpoint is written.
     """
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
 
-    if snapshot_every % rollout_size(state["recipe"]):
-        raise PPORunError(f"snapshot_every must be a multiple of {rollout_size(state['recipe'])} (one PPO rollout), got {snapshot_every}")
+    require_whole_rollouts(snapshot_every, state["recipe"])
     state["total_steps"] = total_steps
     if should_stop(state["curve"]) or state["num_timesteps"] >= total_steps:
         state["finished"] = state.get("finished") or "total_steps"
@@ -175,7 +180,8 @@ def run_ppo(
     if state["checkpoint"] is not None:
         checkpoint = work_dir / state["checkpoint"]
         # Our own file, written below into this run's directory (SB3's zip holds pickled parts).
-        model = PPO.load(str(checkpoint) + ".zip", env=vec_env, device="cpu")
+        # custom_objects: the policy class of this code, not a copy pickled into the zip.
+        model = PPO.load(str(checkpoint) + ".zip", env=vec_env, device="cpu", custom_objects={"policy_class": model.policy_class})
         load_vecnormalize(vec_env, Path(str(checkpoint) + ".vecnormalize.npz"))
         log(f"resuming from {checkpoint.name} at {model.num_timesteps} steps")
     session_start, wall_before = time.perf_counter(), float(state["wall_time_s"])
@@ -183,7 +189,10 @@ def run_ppo(
     def snapshot(current: Any) -> bool:
         steps = int(current.num_timesteps)
         wall = wall_before + time.perf_counter() - session_start
-        point = {"steps": steps, "wall_time_s": round(wall, 1), **on_snapshot(current, vec_env, steps, wall)}
+        train_returns = [info["r"] for info in current.ep_info_buffer] if current.ep_info_buffer else []
+        point = {"steps": steps, "wall_time_s": round(wall, 1),
+                 "train_return_mean": round(float(np.mean(train_returns)), 1) if train_returns else None,
+                 **on_snapshot(current, vec_env, steps, wall)}
         name = f"checkpoints/step_{steps:09d}"
         (work_dir / "checkpoints").mkdir(exist_ok=True)
         atomic_write(Path(str(work_dir / name) + ".zip"), lambda p: current.save(str(p)))

@@ -16,6 +16,8 @@ SB3's orthogonal initialisation is off for it (the encoder keeps its own).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from stable_baselines3.common.policies import ActorCriticPolicy
+
+from kinema.policies.body_graph import BodyGraph
 from kinema.policies.bot import BodyTransformerEncoder, BoTNetwork, NodeDetokenizer
 
-NETWORKS = ("bot", "mlp")
+# SB3's MlpPolicy as kinema-rl runs it (its defaults), recorded with the run.
+MLP_NETWORK = {"policy": "MlpPolicy", "net_arch": [64, 64], "activation": "tanh", "log_std_init": 0.0, "ortho_init": True}
 
 
 class BoTActorCritic(nn.Module):
@@ -49,43 +55,28 @@ class BoTActorCritic(nn.Module):
         return self.forward_actor(features), self.forward_critic(features)
 
 
-def _sb3_policy_class() -> type:
-    from stable_baselines3.common.policies import ActorCriticPolicy
+class BoTActorCriticPolicy(ActorCriticPolicy):
+    """SB3's actor-critic with Body Transformer encoders (a module-level class: SB3 zips refer to it by name)."""
 
-    class BoTActorCriticPolicy(ActorCriticPolicy):
-        def __init__(self, *args: Any, body_graph: dict, bot: dict, **kwargs: Any):
-            from kinema.envs.bodygraph import BodyGraph
+    def __init__(self, *args: Any, body_graph: dict, bot: dict, **kwargs: Any):
+        self.body_graph = body_graph
+        self.bot = bot
+        space = args[0] if args else kwargs["observation_space"]
+        action_space = args[1] if len(args) > 1 else kwargs["action_space"]
+        self._graph = BodyGraph.from_dict(body_graph, int(space.shape[0]), int(action_space.shape[0]), source="body graph")
+        kwargs["ortho_init"] = False
+        super().__init__(*args, **kwargs)
 
-            self.body_graph = body_graph
-            self.bot = bot
-            space = args[0] if args else kwargs["observation_space"]
-            action_space = args[1] if len(args) > 1 else kwargs["action_space"]
-            self._graph = BodyGraph.from_dict(body_graph, int(space.shape[0]), int(action_space.shape[0]), source="body graph")
-            kwargs["ortho_init"] = False
-            super().__init__(*args, **kwargs)
+    def _build_mlp_extractor(self) -> None:
+        self.mlp_extractor = BoTActorCritic(self._graph, BoTNetwork(**self.bot))
 
-        def _build_mlp_extractor(self) -> None:
-            self.mlp_extractor = BoTActorCritic(self._graph, BoTNetwork(**self.bot))
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        self.action_net = nn.Identity()  # the per-node detokenizer already gives the mean
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
-        def _build(self, lr_schedule: Any) -> None:
-            super()._build(lr_schedule)
-            self.action_net = nn.Identity()  # the per-node detokenizer already gives the mean
-            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
-
-        def _get_constructor_parameters(self) -> dict[str, Any]:
-            return {**super()._get_constructor_parameters(), "body_graph": self.body_graph, "bot": self.bot}
-
-    return BoTActorCriticPolicy
-
-
-_POLICY_CLASS: list[type] = []
-
-
-def bot_actor_critic_policy() -> type:
-    """The SB3 policy class (built once, on first use: SB3 is imported lazily)."""
-    if not _POLICY_CLASS:
-        _POLICY_CLASS.append(_sb3_policy_class())
-    return _POLICY_CLASS[0]
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {**super()._get_constructor_parameters(), "body_graph": self.body_graph, "bot": self.bot}
 
 
 def bot_model_fields(bot: BoTNetwork) -> dict[str, Any]:
@@ -122,7 +113,14 @@ def sb3_policy(network: str, spec: Any, bot: BoTNetwork) -> tuple[Any, dict[str,
     """(policy, policy_kwargs) for ``new_ppo``: SB3's default MlpPolicy, or the Body Transformer."""
     if network == "mlp":
         return "MlpPolicy", {}
-    return bot_actor_critic_policy(), {"body_graph": spec.structure["body_graph"], "bot": bot_model_fields(bot)}
+    return BoTActorCriticPolicy, {"body_graph": spec.structure["body_graph"], "bot": bot_model_fields(bot)}
+
+
+def network_description(network: str, bot: BoTNetwork) -> dict[str, Any]:
+    """What a run's networks are, as recorded in its identity and curve.json."""
+    if network == "mlp":
+        return MLP_NETWORK
+    return {"policy": "BoT actor-critic", **bot_model_fields(bot), "log_std_init": 0.0, "ortho_init": False}
 
 
 def learning_curve_png(curve: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -152,8 +150,6 @@ def learning_curve_png(curve: list[dict[str, Any]], path: Path, title: str) -> N
 
 def run_rl(cfg: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
     """Train (or resume) PPO per ``cfg`` (a ``kinema.train.config.RLConfig``) in ``run_dir``; returns eval.json's content."""
-    import json
-
     from filelock import FileLock, Timeout
     from tqdm import tqdm
 
@@ -176,9 +172,10 @@ def run_rl(cfg: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
     except Timeout:
         raise ValueError(f"run directory {run_dir} is in use by another kinema-rl; wait for it or choose another hydra.run.dir") from None
     try:
+        structure_digest = hashlib.sha256(json.dumps(spec.structure, sort_keys=True).encode()).hexdigest()
         identity = {"task": task.name, "gym_id": task.gym_id, "seed": cfg.seed, "recipe": PPO_RECIPE,
                     "snapshot_every": cfg.snapshot_every, "network": cfg.network,
-                    "bot": bot_model_fields(cfg.bot) if cfg.network == "bot" else None}
+                    "networks": network_description(cfg.network, cfg.bot), "task_structure_sha256": structure_digest}
         state = open_run(run_dir, identity)
         eval_cfg = {"episodes": cfg.eval_episodes, "num_envs": min(cfg.eval_episodes, 10), "seed": cfg.eval_seed, "trials": 1}
         run_config = {"env": task.name, "seed": cfg.seed, "eval": eval_cfg, "rl": {**identity, "total_steps": cfg.total_steps}}
@@ -189,19 +186,22 @@ def run_rl(cfg: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
             policy, kwargs = sb3_policy(cfg.network, spec, cfg.bot)
             return new_ppo(vec_env, cfg.seed, PPO_RECIPE, policy, kwargs), vec_env
 
+        exported: dict[int, Any] = {}
+
         def on_snapshot(model: Any, vec_env: Any, steps: int, wall: float) -> dict[str, Any]:
-            policy = export_actor(model, vec_env, cfg.network, cfg.bot, spec)
-            save_checkpoint(run_dir / "checkpoint", policy, {**run_config, "policy": _policy_config(policy)}, task.name, steps, None)
+            policy = exported[steps] = export_actor(model, vec_env, cfg.network, cfg.bot, spec)
             result = run_evaluation(policy, task.name, eval_cfg, {}, None)
-            train_returns = [info["r"] for info in model.ep_info_buffer] if model.ep_info_buffer else []
-            return {"train_return_mean": round(float(np.mean(train_returns)), 1) if train_returns else None,
-                    "eval_return_mean": round(result["return_mean"], 1), "eval_return_std": round(result["return_std"], 1),
+            return {"eval_return_mean": round(result["return_mean"], 1), "eval_return_std": round(result["return_std"], 1),
                     "normalized_score_mean": result.get("normalized_score_mean")}
 
         bar = tqdm(total=cfg.total_steps, initial=min(state["num_timesteps"], cfg.total_steps), desc=label, unit="step",
                    mininterval=1.0, dynamic_ncols=True)
 
         def report(point: dict[str, Any]) -> None:
+            # After the learner and state.json: checkpoint/ never runs ahead of the curve.
+            policy = exported.pop(point["steps"])
+            save_checkpoint(run_dir / "checkpoint", policy, {**run_config, "policy": _policy_config(policy)}, task.name,
+                            point["steps"], None)
             bar.update(max(0, min(point["steps"], cfg.total_steps) - bar.n))
             bar.set_postfix(eval_return=point["eval_return_mean"])
             (run_dir / "curve.json").write_text(json.dumps({"config": run_config, "curve": state["curve"]}, indent=1) + "\n")
@@ -228,6 +228,4 @@ def run_rl(cfg: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
 
 
 def _policy_config(policy: Any) -> dict[str, Any]:
-    import json
-
     return {"name": policy.name, **json.loads(json.dumps(dataclasses.asdict(policy.config)))}

@@ -174,7 +174,16 @@ def evaluation_interval(every: Any, total_steps: int) -> int:
     return every
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path, spec: PolicySpec) -> None:
+    # The task structure (a body graph) decides which input feeds which weight: derived or given, it must not change.
+    saved_structure = ((saved.get("checkpoint") or {}).get("spec") or {}).get("structure") or {}
+    current_structure = json.loads(json.dumps(spec.structure))
+    if saved_structure != current_structure:
+        changed = sorted(k for k in set(saved_structure) | set(current_structure) if saved_structure.get(k) != current_structure.get(k))
+        raise ValueError(
+            f"the run directory's checkpoint {path} was trained with another task structure ({', '.join(changed)}: "
+            "a changed layout file or task model); resume with the same one or choose a new hydra.run.dir"
+        )
     for key in RESUME_KEYS:
         if saved.get(key) != current.get(key):
             raise ValueError(
@@ -326,6 +335,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, world: Distributed, device: torch
         dist.broadcast_object_list(fingerprint, src=0)  # read once, not once per rank
     cfg = {**cfg, "dataset_file": str(data.path), "dataset_sha256": fingerprint[0]}
     task = data.task
+    family = policy_class(str(cfg["policy"].get("name")))
+    if not family.trains_offline:
+        raise ValueError(f"policy={family.name} is not trained by kinema-train; {family.offline_hint}")
     spec = policy_spec(task, cfg["policy"])
     stats = NormStats(data.dataset.statistics(), source=f"statistics of {data.path}")
     policy = make_policy(cfg["policy"], spec, stats).to(device)
@@ -367,7 +379,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, world: Distributed, device: torch
         )
     state = None
     if resume_from is not None:
-        _check_resumable(read_run_config(resume_from), cfg, resume_from)
+        _check_resumable(read_run_config(resume_from), cfg, resume_from, spec)
         state = load_trainer_state(resume_from)
         if state is None:
             raise ValueError(f"checkpoint {resume_from} has no trainer state to resume from")

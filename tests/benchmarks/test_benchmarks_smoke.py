@@ -442,3 +442,15 @@ def test_rl_quality_runs_both_networks_and_resumes_finished_runs_without_work(tm
     assert (tmp_path / "rl_quality.png").read_bytes()[:4] == b"\x89PNG"
     again = rl_quality.main(["--quick", "--results-dir", str(tmp_path)])  # finished: evaluated again, not retrained
     assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in data["runs"]]
+
+
+def test_rl_quality_refuses_bad_options_before_any_work(tmp_path: Path, capsys) -> None:
+    from kinema.benchmarks import rl_quality
+
+    with pytest.raises(SystemExit):
+        rl_quality.main(["--quick"])  # smoke runs never write into the committed results
+    assert "--quick needs --results-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rl_quality.main(["--snapshot-every", "1000", "--results-dir", str(tmp_path)])
+    assert "snapshot_every must be a multiple of 4096" in capsys.readouterr().err
+    assert not (tmp_path / "rl_runs" / "hopper").exists()

@@ -132,3 +132,31 @@ def test_body_graph_and_actions_survive_a_checkpoint_round_trip(tmp_path) -> Non
     policy.reset(4)
     loaded.reset(4)
     np.testing.assert_array_equal(policy.act(obs).numpy(), loaded.act(obs).numpy())
+
+
+def test_padding_of_the_batched_per_node_maps_starts_at_zero_and_is_not_counted() -> None:
+    policy = bot()
+    encoder = policy.encoder
+    assert (encoder.token_weight.detach()[~encoder.obs_valid] == 0).all()
+    real = sum(len(n.obs_indices) for n in CHAIN.nodes) * 16 + sum(len(n.act_indices) for n in CHAIN.nodes) * (16 + 1)
+    padded = encoder.token_weight.numel() + policy.detokenizer.weight.numel() + policy.detokenizer.bias.numel()
+    assert policy.trained_parameter_count == sum(p.numel() for p in policy.parameters()) - (padded - real)
+
+
+def test_resuming_with_another_body_graph_is_refused(hopper_random_hdf5, tmp_path) -> None:
+    import json
+
+    from kinema.envs.bodygraph import derive_body_graph
+    from kinema.train.cli import compose_train_config
+    from kinema.train.trainer import run_training
+
+    graph = derive_body_graph("hopper").to_dict()
+    swapped = json.loads(json.dumps(graph))
+    swapped["nodes"][1]["obs_indices"], swapped["nodes"][2]["obs_indices"] = graph["nodes"][2]["obs_indices"], graph["nodes"][1]["obs_indices"]
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(swapped))
+    overrides = [f"dataset.path={hopper_random_hdf5}", "policy=bot", "policy.embed_dim=16", "policy.n_layers=1",
+                 "train.steps=2", "train.checkpoint_every=1", "eval.episodes=1", "eval.num_envs=1"]
+    run_training(compose_train_config([*overrides, "train.steps=1"]), tmp_path / "run")
+    with pytest.raises(ValueError, match="another task structure.*body_graph"):
+        run_training(compose_train_config([*overrides, f"policy.body_graph={layout}"]), tmp_path / "run")

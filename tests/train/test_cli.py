@@ -129,6 +129,7 @@ def test_eval_refuses_incomplete_checkpoint(cli, hopper_random_hdf5: Path, tmp_p
         ("+policy.bogus=1", "bogus"),
         ("policy.name=nope", "nope"),
         ("env=NoSuchTask-v9", "NoSuchTask-v9"),
+        ("policy=ppo", "kinema-rl"),  # an actor trained online: not a family kinema-train trains
     ],
 )
 def test_bad_config_values_are_named_before_any_work(cli, hopper_random_hdf5: Path, tmp_path: Path, override: str, expected: str) -> None:
