@@ -1,4 +1,4 @@
-"""Golden outputs: tiny saved models of bc, dt, at and bot whose actions, and whose training, are pinned.
+"""Golden outputs: tiny saved models of bc, dt, at, bot and diffusion whose actions, and whose training, are pinned.
 
 A refactor that changes what a policy does, or how the trainer trains it, fails here.
 The fixtures are kinema checkpoint directories (safetensors + config + statistics, a few
@@ -37,12 +37,15 @@ SAVED_MODELS = {
     "dt_full": {"name": "dt", **TINY_TRANSFORMER, "attention_window": 0},
     "at": {"name": "at", **TINY_TRANSFORMER, "attention_window": 3, "max_chain_len": 2},
     "bot": {"name": "bot", "variant": "mix", "embed_dim": 8, "n_layers": 2, "n_heads": 2},
+    "diffusion": {"name": "diffusion", "embed_dim": 8, "n_layers": 2, "n_heads": 2, "horizon": 6, "n_action_steps": 3},
 }
 # bot needs a body graph: root (obs 0-1) - hip (obs 2, act 0) - knee (obs 3-4, act 1).
 BODY_GRAPH = {"nodes": [{"name": "root", "parent": None, "obs_indices": [0, 1], "act_indices": []},
                         {"name": "hip", "parent": "root", "obs_indices": [2], "act_indices": [0]},
                         {"name": "knee", "parent": "hip", "obs_indices": [3, 4], "act_indices": [1]}]}
 SPECS = {"bot": dataclasses.replace(SPEC, structure={"body_graph": BODY_GRAPH})}
+# diffusion normalises actions by the data's range, narrower than the action box
+STATS_WITH_ACTIONS = NormStats({**STATS.features, "actions": {"min": [-0.8, -0.4], "max": [0.9, 1.5]}})
 TARGET_RETURN = 40.0
 NUM_ENVS, STEPS = 2, 12
 EPISODE_END_STEP, EPISODE_END_ENVS = 7, [1]
@@ -56,6 +59,8 @@ TRAINING_RUNS = {
     "at": ["policy=at", "policy.embed_dim=16", "policy.n_layers=1", "policy.context_len=6",
            "policy.attention_window=3", "policy.recipe.warmup_steps=8", "policy.recipe.batch_size=8", "eval.trials=1"],
     "bot": ["policy=bot", "policy.embed_dim=16", "policy.n_layers=2", "policy.n_heads=2", "policy.recipe.batch_size=16"],
+    "diffusion": ["policy=diffusion", "policy.embed_dim=16", "policy.n_layers=1", "policy.horizon=6", "policy.n_action_steps=3",
+                  "policy.recipe.batch_size=16", "policy.recipe.warmup_steps=8"],
 }
 ACTION_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 LOSS_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
@@ -74,6 +79,7 @@ def play(policy) -> np.ndarray:
     policy.eval()
     conditioning = {"target_return": TARGET_RETURN} if "target_return" in policy.conditioning else {}
     policy.reset(NUM_ENVS, **conditioning)
+    policy.seed_episodes(np.arange(NUM_ENVS), np.arange(NUM_ENVS) + 100)  # a stochastic policy's noise
     actions = []
     for step in range(STEPS):
         actions.append(np.asarray(policy.act(observations[step]), dtype=np.float64))
@@ -164,7 +170,7 @@ def write_fixtures(names: list[str]) -> None:
         if names and name not in names:
             continue
         torch.manual_seed(7)
-        policy = make_policy(family_config, SPECS.get(name, SPEC), STATS)
+        policy = make_policy(family_config, SPECS.get(name, SPEC), STATS_WITH_ACTIONS if name == "diffusion" else STATS)
         with torch.no_grad():  # spread the weights so a changed computation moves the actions visibly
             for parameter in policy.parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.2)

@@ -1,0 +1,483 @@
+"""Diffusion policy: a transformer denoises a chunk of future actions, conditioned on recent observations.
+
+Model (DiT-policy's conditioning, Dasari et al. 2024): the last ``n_obs_steps`` (To) normalised
+observations are encoded once per chunk into one vector; each of the ``horizon`` (T) action tokens
+goes through pre-LayerNorm blocks whose LayerNorms are modulated by adaLN-Zero (shift, scale and a
+gate per sub-layer, produced from the observation encoding plus the denoising-time embedding,
+zero-initialised so every block starts as the identity). There is no cross-attention; the
+observation encoding is reused across every denoising step of a chunk. Attention over the chunk
+goes through ``kinema.policies.attention`` (non-causal by default; ``causal=true`` gives
+diffusion_policy's causal action attention).
+
+Training (diffusion_policy's recipe): DDPM with ``num_train_timesteps`` (100) steps and the
+``squaredcos_cap_v2`` schedule, epsilon prediction (``prediction_type=sample`` predicts the clean
+chunk), ``clip_sample``; actions normalised to [-1, 1] by the dataset's per-dimension min and max
+(stored in the checkpoint); AdamW with a cosine schedule and warm-up, and an EMA of the weights
+that evaluation uses (``kinema.policies.Recipe``). The noise schedulers are diffusers' (the
+``diffusion`` extra), as in diffusion_policy and LeRobot.
+
+Sampling: DDIM with ``inference.num_inference_steps`` (10) steps (``eta`` 0: deterministic given
+the initial noise) or DPM-Solver++ (``inference.sampler=dpmsolver``). Executed actions start at
+chunk index To - 1, the step the last observation belongs to.
+
+Rollout (``reset``/``act``): ``receding`` executes ``n_action_steps`` (Ta) actions of a chunk, then
+samples the next; ``ensemble`` samples a chunk every step and executes the weighted mean of every
+chunk's prediction for the current step (ACT's temporal ensembling: the k-th oldest prediction
+weighs exp(-ensemble_decay * k)). An environment's noise comes from its own generator
+(``Policy.seed_episodes``), so scores do not depend on how many environments run together.
+:meth:`DiffusionPolicy.predict_chunk` is the chunk-level call (an observation history and,
+optionally, already-committed actions that the chunk must keep, by inpainting).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinema.policies import register_policy
+from kinema.policies.attention import attention
+from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, require_positive_int
+from kinema.policies.transformer import init_gpt_weights
+
+SAMPLERS = ("ddim", "dpmsolver")
+EXECUTIONS = ("receding", "ensemble")
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+PREDICTION_TYPES = ("epsilon", "sample")
+ACTION_RANGE_EPS = 1e-4  # an action dimension whose data range is below this is not rescaled (diffusion_policy's rule)
+
+
+@dataclass
+class DiffusionInference(InferenceOptions):
+    sampler: str = "ddim"  # ddim | dpmsolver (DPM-Solver++ 2M)
+    num_inference_steps: int = 10  # denoising steps per chunk; at most the training steps
+    eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 with every training step is DDPM
+    execution: str = "receding"  # receding: n_action_steps per chunk | ensemble: a chunk every step, averaged
+    n_action_steps: Optional[int] = None  # receding: actions executed per chunk (null: the config's)
+    ensemble_decay: float = 0.01  # ensemble: the k-th oldest prediction of a step weighs exp(-decay * k) (ACT)
+    attention_backend: Optional[str] = None  # null: the attention entry point's choice
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"inference.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"inference.execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+        require_positive_int(self.num_inference_steps, "inference.num_inference_steps")
+        if self.n_action_steps is not None:
+            require_positive_int(self.n_action_steps, "inference.n_action_steps")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"inference.eta must be in [0, 1], got {self.eta}")
+        if not self.ensemble_decay >= 0.0:
+            raise ValueError(f"inference.ensemble_decay must be >= 0, got {self.ensemble_decay}")
+
+
+def diffusion_recipe() -> Recipe:
+    # diffusion_policy's transformer low-dim recipe: AdamW 1e-4, betas (0.9, 0.95), weight decay 1e-3
+    # on weights only, cosine schedule with warm-up, EMA; batch 256.
+    return Recipe(batch_size=256, optimizer="adamw", lr=1.0e-4, betas=(0.9, 0.95), weight_decay=1.0e-3,
+                  decay_all_parameters=False, schedule="cosine", warmup_steps=500, ema=True)
+
+
+@dataclass
+class DiffusionConfig:
+    horizon: int = 16  # T: actions per chunk
+    n_obs_steps: int = 2  # To: observations the chunk is conditioned on
+    n_action_steps: int = 8  # Ta: actions executed per chunk (receding horizon)
+    embed_dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    causal: bool = False  # causal attention over the chunk (diffusion_policy's transformer) instead of full (DiT-policy)
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"  # epsilon | sample
+    clip_sample: bool = True  # clip the predicted clean chunk to [-1, 1] at every sampling step
+    recipe: Recipe = field(default_factory=diffusion_recipe)
+    inference: DiffusionInference = field(default_factory=DiffusionInference)
+
+    def __post_init__(self) -> None:
+        for key in ("horizon", "n_obs_steps", "n_action_steps", "embed_dim", "n_layers", "n_heads", "mlp_ratio",
+                    "num_train_timesteps"):
+            require_positive_int(getattr(self, key), key)
+        if self.embed_dim % self.n_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_obs_steps > self.horizon:
+            raise ValueError(f"n_obs_steps ({self.n_obs_steps}) must be at most horizon ({self.horizon})")
+        executable = self.horizon - self.n_obs_steps + 1
+        for key, value in (("n_action_steps", self.n_action_steps), ("inference.n_action_steps", self.inference.n_action_steps)):
+            if value is not None and value > executable:
+                raise ValueError(
+                    f"{key} ({value}) must be at most horizon - n_obs_steps + 1 ({executable}): the chunk's actions from "
+                    f"index n_obs_steps - 1 on are the ones to execute"
+                )
+        if self.inference.num_inference_steps > self.num_train_timesteps:
+            raise ValueError(
+                f"inference.num_inference_steps ({self.inference.num_inference_steps}) must be at most "
+                f"num_train_timesteps ({self.num_train_timesteps}), the steps the model was trained with"
+            )
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def executable_steps(self) -> int:
+        """Chunk entries from index To - 1 on: the current step's action and the ones after it."""
+        return self.horizon - self.n_obs_steps + 1
+
+
+def make_noise_scheduler(config: DiffusionConfig, sampler: str = "ddpm", eta: float = 0.0) -> Any:
+    """A diffusers scheduler for ``config``'s noise schedule: ``ddpm`` (training, and reference sampling),
+    ``ddim`` or ``dpmsolver`` (DPM-Solver++ 2M)."""
+    try:
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    except ImportError as error:
+        raise ImportError(
+            "policy=diffusion needs diffusers' noise schedulers: pip install 'kinema[diffusion]' (or diffusers>=0.30)"
+        ) from error
+    common = {"num_train_timesteps": config.num_train_timesteps, "beta_schedule": config.beta_schedule,
+              "prediction_type": config.prediction_type}
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, clip_sample=config.clip_sample, variance_type="fixed_small")
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=config.clip_sample, set_alpha_to_one=True, steps_offset=0)
+    if sampler == "dpmsolver":
+        # DPM-Solver++ has no clip_sample; the chunk is clamped to [-1, 1] after the last step.
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of ddpm, {', '.join(SAMPLERS)}")
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of integer diffusion timesteps (B,)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half)
+    angles = timesteps.float()[:, None] * frequencies[None, :]
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(embedding, (0, dim % 2))
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation (N(0, 0.02) weights, zero biases); the LayerNorms here have no parameters."""
+    if not isinstance(module, nn.LayerNorm):
+        init_gpt_weights(module)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, with (B, D) shift and scale broadcast over the chunk's tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1.0 + scale.unsqueeze(1))
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-LN transformer block whose LayerNorms are modulated by the condition (adaLN-Zero)."""
+
+    def __init__(self, embed_dim: int, n_heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, embed_dim // n_heads
+        self.norm1 = nn.LayerNorm(embed_dim, elementwise_affine=False)
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.norm2 = nn.LayerNorm(embed_dim, elementwise_affine=False)
+        self.fc = nn.Linear(embed_dim, mlp_ratio * embed_dim)
+        self.fc_out = nn.Linear(mlp_ratio * embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        # shift, scale and gate of the attention and of the MLP, from the condition
+        self.modulation = nn.Linear(embed_dim, 6 * embed_dim)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor, causal: bool, backend: Optional[str]) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(condition).chunk(6, dim=-1)
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1))
+        q, k, v = qkv.view(batch, tokens, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, causal=causal, backend=backend).transpose(1, 2).reshape(batch, tokens, dim)
+        x = x + gate1.unsqueeze(1) * self.dropout(self.proj(out))
+        hidden = F.gelu(self.fc(modulate(self.norm2(x), shift2, scale2)), approximate="tanh")
+        return x + gate2.unsqueeze(1) * self.dropout(self.fc_out(hidden))
+
+
+class ChunkDenoiser(nn.Module):
+    """(noisy chunk, timestep, observation encoding) -> predicted noise (or clean chunk)."""
+
+    def __init__(self, config: DiffusionConfig, obs_dim: int, act_dim: int):
+        super().__init__()
+        dim = config.embed_dim
+        self.causal = config.causal
+        self.obs_encoder = nn.Sequential(nn.Linear(config.n_obs_steps * obs_dim, dim), nn.Mish(), nn.Linear(dim, dim))
+        self.time_mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, dim))
+        self.action_in = nn.Linear(act_dim, dim)
+        self.position = nn.Embedding(config.horizon, dim)  # learned, one per chunk index
+        self.blocks = nn.ModuleList(AdaLNBlock(dim, config.n_heads, config.mlp_ratio, config.dropout) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.final_modulation = nn.Linear(dim, 2 * dim)
+        self.action_out = nn.Linear(dim, act_dim)
+        self.apply(init_weights)
+        # adaLN-Zero: every block starts as the identity and the output at zero (DiT).
+        for layer in [block.modulation for block in self.blocks] + [self.final_modulation, self.action_out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def encode_observations(self, observations: torch.Tensor) -> torch.Tensor:
+        """Normalised observations (B, To, obs_dim) -> (B, D), computed once per chunk."""
+        return self.obs_encoder(observations.flatten(1))
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, obs_encoding: torch.Tensor,
+                backend: Optional[str] = None) -> torch.Tensor:
+        condition = F.silu(obs_encoding + self.time_mlp(timestep_embedding(timesteps, obs_encoding.shape[-1])))
+        x = self.action_in(noisy) + self.position.weight[: noisy.shape[1]]
+        for block in self.blocks:
+            x = block(x, condition, self.causal, backend)
+        shift, scale = self.final_modulation(condition).chunk(2, dim=-1)
+        return self.action_out(modulate(self.final_norm(x), shift, scale))
+
+
+@register_policy
+class DiffusionPolicy(Policy):
+    name = "diffusion"
+    label = "Diffusion"
+    config_class = DiffusionConfig
+    required_stats = {"actions": ("min", "max")}
+
+    def __init__(self, config: DiffusionConfig, spec: PolicySpec, stats: NormStats):
+        super().__init__(config, spec, stats)
+        low, high = stats.get("actions", "min"), stats.get("actions", "max")
+        if low.shape != (spec.act_dim,) or (high < low).any():
+            raise ValueError(
+                f"{stats.source}: actions.min/max must be {spec.act_dim} values with min <= max, got {low.tolist()} / {high.tolist()}"
+            )
+        half_range = (high - low) / 2.0
+        self.register_buffer("action_center", torch.as_tensor((high + low) / 2.0, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "action_half_range", torch.as_tensor(np.where(half_range < ACTION_RANGE_EPS, 1.0, half_range), dtype=torch.float32),
+            persistent=False,
+        )
+        self.denoiser = ChunkDenoiser(config, spec.obs_dim, spec.act_dim)
+        self.train_scheduler = make_noise_scheduler(config, "ddpm")
+        self._sampling = None  # (options key, scheduler), rebuilt when the inference options change
+
+    # -- normalisation ----------------------------------------------------------------------
+    def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        return (actions - self.action_center) / self.action_half_range
+
+    def unnormalize_actions(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Normalised actions back to task units, clipped to the action box."""
+        actions = normalized * self.action_half_range + self.action_center
+        return torch.maximum(torch.minimum(actions, self.action_high), self.action_low)
+
+    # -- training ---------------------------------------------------------------------------
+    @property
+    def batch_spec(self) -> BatchSpec:
+        config = self.config
+        return BatchSpec("chunks", context_len=config.horizon,
+                         options={"n_obs_steps": config.n_obs_steps, "n_action_steps": config.n_action_steps})
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        clean = self.normalize_actions(batch["actions"]).clamp(-1.0, 1.0)
+        obs_encoding = self.denoiser.encode_observations(self.normalize_obs(batch["observations"]))
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, self.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        noisy = self.train_scheduler.add_noise(clean, noise, timesteps)
+        predicted = self.denoiser(noisy, timesteps, obs_encoding)
+        target = noise if self.config.prediction_type == "epsilon" else clean
+        loss = F.mse_loss(predicted, target)
+        return loss, {"denoising_mse": loss.item()}
+
+    # -- sampling ---------------------------------------------------------------------------
+    def configure_inference(self, **overrides: Any) -> None:
+        previous = self.inference
+        super().configure_inference(**overrides)
+        try:  # the config's checks (steps against training steps, n_action_steps against the chunk) apply to overrides too
+            self.config.__post_init__()
+        except ValueError:
+            self.inference = self.config.inference = previous
+            raise
+
+    def _sampling_scheduler(self) -> Any:
+        options = self.inference
+        key = (options.sampler, options.eta)
+        if self._sampling is None or self._sampling[0] != key:
+            self._sampling = (key, make_noise_scheduler(self.config, options.sampler))
+        return self._sampling[1]
+
+    def sample_chunks(self, obs_normalized: torch.Tensor, noise: torch.Tensor, committed: Optional[torch.Tensor] = None,
+                      step_noise: Optional[Any] = None) -> torch.Tensor:
+        """Denoise ``noise`` (B, T, A) into normalised chunks conditioned on (B, To, obs_dim) normalised observations.
+
+        ``committed`` (B, P, A) normalised actions are written into chunk indices To - 1 .. To + P - 2
+        before every denoising step and after the last (diffusion_policy's inpainting).
+        ``step_noise(shape)`` draws DDIM's per-step noise when ``eta`` > 0.
+        """
+        options = self.inference
+        scheduler = self._sampling_scheduler()
+        scheduler.set_timesteps(options.num_inference_steps, device=noise.device)
+        obs_encoding = self.denoiser.encode_observations(obs_normalized)
+        first = self.config.n_obs_steps - 1
+        chunk = noise
+        step_kwargs: dict[str, Any] = {}
+        for timestep in scheduler.timesteps:
+            if committed is not None:
+                chunk[:, first : first + committed.shape[1]] = committed
+            predicted = self.denoiser(chunk, timestep.expand(chunk.shape[0]), obs_encoding, options.attention_backend)
+            if options.sampler == "ddim":
+                step_kwargs = {"eta": options.eta}
+                if options.eta > 0 and step_noise is not None:
+                    step_kwargs["variance_noise"] = step_noise(chunk.shape)
+            chunk = scheduler.step(predicted, timestep, chunk, **step_kwargs).prev_sample
+        if committed is not None:
+            chunk[:, first : first + committed.shape[1]] = committed
+        return chunk.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def predict_chunk(self, observation_history: Any, committed_actions: Any = None,
+                      noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The chunk-level call: (N, To, obs_dim) raw observations, oldest first -> (N, T, act_dim) actions.
+
+        Entry To - 1 is the action for the newest observation's step. ``committed_actions`` (N, P,
+        act_dim), P <= T - To + 1, are actions already sent for that step and the next P - 1: the
+        chunk keeps them (inpainting). ``noise`` (N, T, act_dim) fixes the initial noise.
+        """
+        config = self.config
+        history = torch.as_tensor(np.asarray(observation_history), dtype=torch.float32, device=self.device)
+        expected = (config.n_obs_steps, self.spec.obs_dim)
+        if history.ndim != 3 or tuple(history.shape[1:]) != expected:
+            raise ValueError(f"predict_chunk: observation_history must have shape (N, {expected[0]}, {expected[1]}), got {tuple(history.shape)}")
+        if not torch.isfinite(history).all():
+            raise ValueError("predict_chunk: observation_history holds a non-finite value (NaN/inf)")
+        batch = history.shape[0]
+        committed = None
+        if committed_actions is not None:
+            committed = torch.as_tensor(np.asarray(committed_actions), dtype=torch.float32, device=self.device)
+            if committed.ndim != 3 or committed.shape[0] != batch or committed.shape[2] != self.spec.act_dim \
+                    or not 1 <= committed.shape[1] <= config.executable_steps:
+                raise ValueError(
+                    f"predict_chunk: committed_actions must have shape (N={batch}, P, {self.spec.act_dim}) with "
+                    f"1 <= P <= {config.executable_steps}, got {tuple(committed.shape)}"
+                )
+            if not torch.isfinite(committed).all():
+                raise ValueError("predict_chunk: committed_actions holds a non-finite value (NaN/inf)")
+            committed = self.normalize_actions(committed).clamp(-1.0, 1.0)
+        shape = (batch, config.horizon, self.spec.act_dim)
+        if noise is None:
+            noise = torch.randn(shape, device=self.device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"predict_chunk: noise must have shape {shape}, got {tuple(noise.shape)}")
+        chunk = self.sample_chunks(self.normalize_obs(history), noise.to(self.device).clone(), committed,
+                                   step_noise=lambda s: torch.randn(s, device=self.device))
+        return self.unnormalize_actions(chunk)
+
+    # -- rollouts ---------------------------------------------------------------------------
+    def reset(self, num_envs: int, **conditioning: Any) -> None:
+        if conditioning:
+            raise ValueError(f"{self.name}.reset: unknown conditioning {sorted(conditioning)}; it takes none")
+        self._rollout = _ChunkRollout(self, require_positive_int(num_envs, "num_envs"))
+
+    def end_episode(self, env_indices: Any) -> None:
+        """Those environments start a new episode: their observation history and queued actions are dropped."""
+        state = self._state("end_episode")
+        index = np.asarray(env_indices, dtype=np.int64).reshape(-1)
+        if len(index) and (index.min() < 0 or index.max() >= state.num_envs):
+            raise ValueError(f"{self.name}.end_episode: environment indices {index.tolist()} out of range 0..{state.num_envs - 1}")
+        state.clear(index)
+
+    def _state(self, caller: str) -> "_ChunkRollout":
+        state = self.__dict__.get("_rollout")
+        if state is None:
+            raise RuntimeError(f"{self.name}.{caller} called before reset(num_envs)")
+        return state
+
+    @torch.no_grad()
+    def act(self, observation: Any) -> torch.Tensor:
+        state = self._state("act")
+        obs = self.as_observation_tensor(observation)
+        if obs.shape[0] != state.num_envs:
+            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={state.num_envs})")
+        state.push_observations(self.normalize_obs(obs))
+        if self.inference.execution == "receding":
+            unit = state.next_receding_actions()
+        else:
+            unit = state.next_ensembled_actions()
+        return self.unnormalize_actions(unit)
+
+
+class _ChunkRollout:
+    """Per-environment observation history, queued chunk (receding) or ensemble sums (ensemble)."""
+
+    def __init__(self, policy: DiffusionPolicy, num_envs: int):
+        config, device = policy.config, policy.device
+        self.policy, self.num_envs = policy, num_envs
+        act_dim = policy.spec.act_dim
+        self.history = torch.zeros(num_envs, config.n_obs_steps, policy.spec.obs_dim, device=device)
+        self.started = np.zeros(num_envs, dtype=bool)  # an observation arrived since reset / end_episode
+        self.n_action_steps = policy.inference.n_action_steps or config.n_action_steps
+        self.queue = torch.zeros(num_envs, self.n_action_steps, act_dim, device=device)
+        self.queue_position = np.full(num_envs, self.n_action_steps)  # == n_action_steps: empty
+        steps = config.executable_steps
+        self.ensemble_sum = torch.zeros(num_envs, steps, act_dim, device=device)
+        self.ensemble_weight = torch.zeros(num_envs, steps, device=device)
+        self.ensemble_count = torch.zeros(num_envs, steps, device=device)
+
+    def clear(self, index: np.ndarray) -> None:
+        self.started[index] = False
+        self.queue_position[index] = self.n_action_steps
+        rows = torch.as_tensor(index, device=self.ensemble_sum.device)
+        self.ensemble_sum[rows] = 0.0
+        self.ensemble_weight[rows] = 0.0
+        self.ensemble_count[rows] = 0.0
+
+    def push_observations(self, normalized: torch.Tensor) -> None:
+        """Slide each history by one; an environment's first observation fills its whole history (training's padding)."""
+        self.history = torch.cat([self.history[:, 1:], normalized[:, None]], dim=1)
+        fresh = np.flatnonzero(~self.started)
+        if len(fresh):
+            rows = torch.as_tensor(fresh, device=normalized.device)
+            self.history[rows] = normalized[rows, None].expand(-1, self.history.shape[1], -1)
+            self.started[fresh] = True
+
+    def noise(self, index: np.ndarray) -> torch.Tensor:
+        """Standard normal (len(index), T, A) drawn from those environments' own generators only.
+
+        ``Policy.episode_noise`` draws for every slot; here only the environments that sample a chunk
+        may advance their streams, or one environment's noise would depend on when the others resample.
+        """
+        policy = self.policy
+        shape = (policy.config.horizon, policy.spec.act_dim)
+        generators = policy.__dict__.get("_episode_generators", {})  # filled by Policy.seed_episodes
+        rows = [torch.randn(shape, generator=generators[i]) if i in generators else torch.randn(shape) for i in index.tolist()]
+        return torch.stack(rows).to(policy.device)
+
+    def sample(self, index: np.ndarray) -> torch.Tensor:
+        """Normalised chunks (len(index), T, A) for those environments, from their own noise generators."""
+        rows = torch.as_tensor(index, device=self.history.device)
+        return self.policy.sample_chunks(self.history[rows], self.noise(index), step_noise=lambda _: self.noise(index))
+
+    def next_receding_actions(self) -> torch.Tensor:
+        empty = np.flatnonzero(self.queue_position >= self.n_action_steps)
+        if len(empty):
+            first = self.policy.config.n_obs_steps - 1
+            chunks = self.sample(empty)
+            self.queue[torch.as_tensor(empty, device=self.queue.device)] = chunks[:, first : first + self.n_action_steps]
+            self.queue_position[empty] = 0
+        positions = torch.as_tensor(self.queue_position, device=self.queue.device)
+        actions = self.queue[torch.arange(self.num_envs, device=self.queue.device), positions]
+        self.queue_position += 1
+        return actions
+
+    def next_ensembled_actions(self) -> torch.Tensor:
+        first = self.policy.config.n_obs_steps - 1
+        predictions = self.sample(np.arange(self.num_envs))[:, first:]  # (N, steps, A); entry 0 is for this step
+        weights = torch.exp(-self.policy.inference.ensemble_decay * self.ensemble_count)
+        self.ensemble_sum += weights.unsqueeze(-1) * predictions
+        self.ensemble_weight += weights
+        self.ensemble_count += 1.0
+        actions = self.ensemble_sum[:, 0] / self.ensemble_weight[:, :1]
+        # the next step's predictions move to the front
+        for buffer in (self.ensemble_sum, self.ensemble_weight, self.ensemble_count):
+            buffer[:] = torch.roll(buffer, -1, dims=1)
+            buffer[:, -1] = 0.0
+        return actions
