@@ -287,16 +287,38 @@ class CodeHistory:
                 continue
             files.add(path)
             for value in vars(module).values():
+                if inspect.ismodule(value) and value.__name__.startswith(name + "."):
+                    continue  # a package's submodule, set there by whoever imported it (kinema.policies discovers every family)
                 imported = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
                 if isinstance(imported, str) and imported.startswith("kinema.") and imported not in seen:
                     pending.append(imported)
         return sorted(files)
 
+    @staticmethod
+    def sampler_files(family: str) -> list[str]:
+        """The sampler code the family's batches come from: the shared machinery (transitions and windows
+        too) and the module registering its batch kind, read from a config at the family's defaults.
+        Every sampler module when the kind cannot be read that way (a batch_spec that needs more than
+        ``self.config``)."""
+        from types import SimpleNamespace
+
+        from kinema.datasets.samplers import SAMPLERS, discover_samplers
+        from kinema.policies import policy_class
+
+        cls = policy_class(family)
+        discover_samplers()
+        try:
+            kind = cls.batch_spec.fget(SimpleNamespace(config=cls.config_class())).kind
+            module = repository_file(SAMPLERS[kind].__module__)
+        except Exception:
+            return ["datasets/samplers"]
+        return sorted({"datasets/samplers/__init__.py", *([module] if module else [])})
+
     def last_change(self, family: str) -> str | None:
         """The last commit touching the family's files or the code every cell's score goes through (None: unknown)."""
         if family not in self._last_change:
             try:
-                paths = [*self.family_files(family), *SHARED_SCORE_CODE]
+                paths = [*self.family_files(family), *self.sampler_files(family), *SHARED_SCORE_CODE]
             except ValueError:  # the family is no longer registered
                 paths = []
             out = git("log", "-1", "--format=%H", "--", *paths) if paths else None
@@ -340,7 +362,8 @@ def repository_file(module: str) -> str | None:
 
 # What every cell's number goes through besides its family's own modules: the trainer, the
 # samplers that feed it, and the evaluation loop and scores.
-SHARED_SCORE_CODE = ("train", "datasets/samplers", "envs/evaluate.py", "envs/scores.py", "envs/registry.py")
+# Besides the family's own modules and its sampler (CodeHistory.sampler_files).
+SHARED_SCORE_CODE = ("train", "envs/evaluate.py", "envs/scores.py", "envs/registry.py")
 
 
 # -- locks: several workers may share one grid ---------------------------------------------------

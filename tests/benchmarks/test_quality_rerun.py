@@ -83,3 +83,14 @@ def test_a_cell_held_by_another_worker_is_skipped_until_that_worker_dies(tmp_pat
     assert quality.claim(cell)
     assert quality.lock_owner(cell) is None  # held by this process: not "another worker"
     quality.release(cell)
+
+
+def test_a_cells_code_is_its_familys_modules_and_sampler_not_every_family() -> None:
+    """Adding a family or a sampler does not make every other family's cells stale."""
+    if quality.REPO_ROOT is None:
+        pytest.skip("needs a checkout")
+    assert quality.CodeHistory.family_files("bc") == ["policies/__init__.py", "policies/base.py", "policies/bc.py"]
+    assert "policies/dt.py" in quality.CodeHistory.family_files("at")  # AT builds on DT
+    assert quality.CodeHistory.sampler_files("bc") == ["datasets/samplers/__init__.py"]
+    assert quality.CodeHistory.sampler_files("at") == ["datasets/samplers/__init__.py", "datasets/samplers/chains.py"]
+    assert quality.CodeHistory.sampler_files("diffusion") == ["datasets/samplers/__init__.py", "datasets/samplers/chunks.py"]
