@@ -170,13 +170,11 @@ def init_weights(module: nn.Module) -> None:
         init_gpt_weights(module)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with (B, D) shift and scale broadcast over the chunk's tokens."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1.0 + scale.unsqueeze(1))
-
-
 class AdaLNBlock(nn.Module):
-    """Pre-LN transformer block whose LayerNorms are modulated by the condition (adaLN-Zero)."""
+    """Pre-LN transformer block whose LayerNorms are modulated by the condition (adaLN-Zero).
+
+    Its shift, scale and gate of the attention and of the MLP come precomputed (``ChunkDenoiser.condition``).
+    """
 
     def __init__(self, embed_dim: int, n_heads: int, mlp_ratio: int, dropout: float):
         super().__init__()
@@ -188,22 +186,26 @@ class AdaLNBlock(nn.Module):
         self.fc = nn.Linear(embed_dim, mlp_ratio * embed_dim)
         self.fc_out = nn.Linear(mlp_ratio * embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
-        # shift, scale and gate of the attention and of the MLP, from the condition
-        self.modulation = nn.Linear(embed_dim, 6 * embed_dim)
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor, causal: bool, backend: Optional[str]) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(condition).chunk(6, dim=-1)
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor, causal: bool, backend: Optional[str]) -> torch.Tensor:
+        """``x`` (B, T, D); ``modulation`` (B, 6D): shift, scale, gate of the attention, then of the MLP."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.unsqueeze(1).chunk(6, dim=-1)
         batch, tokens, dim = x.shape
-        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1))
+        qkv = self.qkv(torch.addcmul(shift1, self.norm1(x), 1.0 + scale1))
         q, k, v = qkv.view(batch, tokens, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, causal=causal, backend=backend).transpose(1, 2).reshape(batch, tokens, dim)
-        x = x + gate1.unsqueeze(1) * self.dropout(self.proj(out))
-        hidden = F.gelu(self.fc(modulate(self.norm2(x), shift2, scale2)), approximate="tanh")
-        return x + gate2.unsqueeze(1) * self.dropout(self.fc_out(hidden))
+        x = x + gate1 * self.dropout(self.proj(out))
+        hidden = F.gelu(self.fc(torch.addcmul(shift2, self.norm2(x), 1.0 + scale2)), approximate="tanh")
+        return x + gate2 * self.dropout(self.fc_out(hidden))
 
 
 class ChunkDenoiser(nn.Module):
-    """(noisy chunk, timestep, observation encoding) -> predicted noise (or clean chunk)."""
+    """(noisy chunk, timestep, observation encoding) -> predicted noise (or clean chunk).
+
+    The adaLN parameters of every block and of the output layer depend on the condition only, so one
+    matmul (``condition``) produces them all; sampling computes them for every denoising step of a
+    chunk at once, and each step then runs the action tokens alone (``denoise``).
+    """
 
     def __init__(self, config: DiffusionConfig, obs_dim: int, act_dim: int):
         super().__init__()
@@ -211,15 +213,16 @@ class ChunkDenoiser(nn.Module):
         self.causal = config.causal
         self.obs_encoder = nn.Sequential(nn.Linear(config.n_obs_steps * obs_dim, dim), nn.Mish(), nn.Linear(dim, dim))
         self.time_mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, dim))
+        # 6 per block (shift, scale, gate of attention and MLP), 2 for the output layer (shift, scale)
+        self.modulation = nn.Linear(dim, (6 * config.n_layers + 2) * dim)
         self.action_in = nn.Linear(act_dim, dim)
         self.position = nn.Embedding(config.horizon, dim)  # learned, one per chunk index
         self.blocks = nn.ModuleList(AdaLNBlock(dim, config.n_heads, config.mlp_ratio, config.dropout) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.final_modulation = nn.Linear(dim, 2 * dim)
         self.action_out = nn.Linear(dim, act_dim)
         self.apply(init_weights)
         # adaLN-Zero: every block starts as the identity and the output at zero (DiT).
-        for layer in [block.modulation for block in self.blocks] + [self.final_modulation, self.action_out]:
+        for layer in (self.modulation, self.action_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -227,14 +230,24 @@ class ChunkDenoiser(nn.Module):
         """Normalised observations (B, To, obs_dim) -> (B, D), computed once per chunk."""
         return self.obs_encoder(observations.flatten(1))
 
+    def condition(self, obs_encoding: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """adaLN parameters (..., (6 L + 2) D) for encodings (..., D) at integer timesteps broadcast against them."""
+        time = self.time_mlp(timestep_embedding(timesteps.reshape(-1), obs_encoding.shape[-1]))
+        time = time.reshape(*timesteps.shape, -1)
+        return self.modulation(F.silu(obs_encoding + time))
+
+    def denoise(self, noisy: torch.Tensor, modulation: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """Noisy chunks (B, T, A) under adaLN parameters (B, (6 L + 2) D) from ``condition``."""
+        dim = self.action_in.out_features
+        x = self.action_in(noisy) + self.position.weight[: noisy.shape[1]]
+        for index, block in enumerate(self.blocks):
+            x = block(x, modulation[:, 6 * dim * index : 6 * dim * (index + 1)], self.causal, backend)
+        shift, scale = modulation[:, -2 * dim :].unsqueeze(1).chunk(2, dim=-1)
+        return self.action_out(torch.addcmul(shift, self.final_norm(x), 1.0 + scale))
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, obs_encoding: torch.Tensor,
                 backend: Optional[str] = None) -> torch.Tensor:
-        condition = F.silu(obs_encoding + self.time_mlp(timestep_embedding(timesteps, obs_encoding.shape[-1])))
-        x = self.action_in(noisy) + self.position.weight[: noisy.shape[1]]
-        for block in self.blocks:
-            x = block(x, condition, self.causal, backend)
-        shift, scale = self.final_modulation(condition).chunk(2, dim=-1)
-        return self.action_out(modulate(self.final_norm(x), shift, scale))
+        return self.denoise(noisy, self.condition(obs_encoding, timesteps), backend)
 
 
 @register_policy
@@ -317,13 +330,15 @@ class DiffusionPolicy(Policy):
         scheduler = self._sampling_scheduler()
         scheduler.set_timesteps(options.num_inference_steps, device=noise.device)
         obs_encoding = self.denoiser.encode_observations(obs_normalized)
+        # every step's adaLN parameters in one call: (steps, B, ...)
+        modulations = self.denoiser.condition(obs_encoding, scheduler.timesteps[:, None].to(noise.device))
         first = self.config.n_obs_steps - 1
         chunk = noise
         step_kwargs: dict[str, Any] = {}
-        for timestep in scheduler.timesteps:
+        for modulation, timestep in zip(modulations, scheduler.timesteps):
             if committed is not None:
                 chunk[:, first : first + committed.shape[1]] = committed
-            predicted = self.denoiser(chunk, timestep.expand(chunk.shape[0]), obs_encoding, options.attention_backend)
+            predicted = self.denoiser.denoise(chunk, modulation, options.attention_backend)
             if options.sampler == "ddim":
                 step_kwargs = {"eta": options.eta}
                 if options.eta > 0 and step_noise is not None:
