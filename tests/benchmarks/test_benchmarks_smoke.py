@@ -454,3 +454,36 @@ def test_rl_quality_refuses_bad_options_before_any_work(tmp_path: Path, capsys) 
         rl_quality.main(["--snapshot-every", "1000", "--results-dir", str(tmp_path)])
     assert "snapshot_every must be a multiple of 4096" in capsys.readouterr().err
     assert not (tmp_path / "rl_runs" / "hopper").exists()
+
+
+def test_diffusion_speed_json(tmp_path: Path) -> None:
+    from kinema.benchmarks import diffusion_speed
+
+    data = diffusion_speed.main(["--quick", "--no-peer", "--out", str(tmp_path / "diffusion_speed.json")])
+    check_record(json.loads((tmp_path / "diffusion_speed.json").read_text()), "diffusion_speed")
+    assert [(e["steps"], e["batch"], e["threads"]) for e in data["results"]] == [(2, 1, 1), (10, 1, 1)]
+    for entry in data["results"]:
+        assert entry["chunk"]["count"] == entry["cycle"]["count"] == 3
+        assert entry["actions_per_s_receding"] > entry["actions_per_s_ensemble"] > 0  # 8 actions per chunk against 1
+    assert data["target"]["target_ms"] == 15.0 and data["peer"] == {"skipped": "--no-peer"}
+
+
+def test_diffusion_modes_plots_samples_against_bc_where_behaviour_policies_disagree(tmp_path: Path) -> None:
+    from kinema.benchmarks import diffusion_modes
+    from kinema.train.cli import compose_train_config
+    from kinema.train.trainer import run_training
+
+    data = tiny_hopper_dataset(tmp_path)
+    for policy, extra in (("bc", []), ("diffusion", ["policy.embed_dim=16", "policy.n_layers=1", "policy.recipe.batch_size=16"])):
+        run_training(compose_train_config([f"policy={policy}", f"dataset.path={data}", "train.steps=3", "eval.episodes=1",
+                                           "eval.num_envs=1", "threads=1", *extra]), tmp_path / policy)
+    result = diffusion_modes.main(["--dataset-path", str(data), "--diffusion", str(tmp_path / "diffusion" / "checkpoint"),
+                                   "--bc", str(tmp_path / "bc" / "checkpoint"), "--states", "2", "--candidates", "50",
+                                   "--samples", "20", "--results-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "diffusion_modes.png").is_file() and (tmp_path / "out" / "diffusion_modes.json").is_file()
+    assert result["summary"]["states"] == 2 and len(result["per_state"]) == 2
+    for state in result["per_state"]:
+        assert state["diffusion_share_expert"] + state["diffusion_share_medium"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit):  # the two checkpoints the wrong way round
+        diffusion_modes.main(["--dataset-path", str(data), "--diffusion", str(tmp_path / "bc" / "checkpoint"),
+                              "--bc", str(tmp_path / "diffusion" / "checkpoint"), "--results-dir", str(tmp_path / "out")])
