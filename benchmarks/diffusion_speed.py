@@ -12,10 +12,11 @@ hopper's observation and action sizes, with random weights (the cost does not de
   taken from the queue): the receding-horizon controller's real cost. Actions per second delivered
   = batch x n_action_steps / cycle time; with temporal ensembling every action needs a chunk, so it
   delivers batch / chunk time.
-- ``lerobot``: when LeRobot imports in this interpreter (see ``benchmarks/lerobot_peer.py`` for a
-  benchmark-only environment), its ``DiffusionPolicy`` at the same horizon, observation steps, action
-  steps and DDIM steps, side by side, interleaved. Its network is its own default (a 1-D
-  convolutional UNet), a different model: the JSON labels it so, with both parameter counts.
+- ``lerobot``: when LeRobot imports in this interpreter (``benchmarks/lerobot_peer.py`` says how to make
+  a benchmark-only environment, into which kinema installs with ``pip install -e .``), its
+  ``DiffusionPolicy`` at the same horizon, observation steps, action steps and DDIM steps
+  (``--peer-steps``, default 10), side by side, interleaved. Its network is its own default (a 1-D
+  convolutional UNet, far larger), a different model: the JSON labels it so, with both parameter counts.
 
 Variants are interleaved round by round after warm-up rounds; medians are reported.
 """
@@ -81,16 +82,18 @@ def cycle_call(policy: Any, batch: int) -> Callable[[], float]:
     return call
 
 
-def lerobot_peer(policy: Any, steps: int) -> tuple[Any, str | None]:
-    """LeRobot's DiffusionPolicy at the same shapes, or (None, why not)."""
+def lerobot_peer(policy: Any, steps: int) -> tuple[Any, dict[str, Any]]:
+    """LeRobot's DiffusionPolicy at the same shapes and what to record about it, or (None, why not)."""
     try:
-        from kinema.benchmarks.lerobot_peer import build_lerobot_diffusion
+        from kinema.benchmarks.lerobot_peer import build_lerobot_diffusion, lerobot_version
         config = policy.config
-        return build_lerobot_diffusion(policy.spec.obs_dim, policy.spec.act_dim, horizon=config.horizon,
+        peer = build_lerobot_diffusion(policy.spec.obs_dim, policy.spec.act_dim, horizon=config.horizon,
                                        n_obs_steps=config.n_obs_steps, n_action_steps=config.n_action_steps,
-                                       num_inference_steps=steps), None
+                                       num_inference_steps=steps)
+        return peer, {"model": f"{peer.network} (a different model)", "version": lerobot_version(),
+                      "parameters": peer.parameter_count}
     except ImportError as error:
-        return None, str(error)
+        return None, {"skipped": str(error)}
 
 
 def peer_call(peer: Any, batch: int) -> Callable[[], float]:
@@ -108,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", default="1,10", help="comma-separated batch sizes")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--rounds", type=int, default=50, help="measured rounds per variant and setting")
+    parser.add_argument("--peer-steps", default="10", help="DDIM step counts at which LeRobot is measured too")
     parser.add_argument("--no-peer", action="store_true", help="skip LeRobot even where it imports")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 and 10 steps, batch 1, 1 thread, 3 rounds")
     parser.add_argument("--out", type=Path, default=None,
@@ -118,18 +122,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     require_positive(parser, args, ("rounds",))
     out = output_or_error(parser, args.out, NAME)
     step_counts, batches, thread_counts = parse_threads(args.steps), parse_threads(args.batches), parse_threads(args.threads)
+    peer_steps = set() if args.no_peer else set(parse_threads(args.peer_steps))
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()
-    results, peer_info = [], {"skipped": "--no-peer"} if args.no_peer else {}
+    results, peer_info = [], {"skipped": "--no-peer" if args.no_peer else f"no step count of --steps in --peer-steps {args.peer_steps}"}
     try:
         for steps in step_counts:
             policy = build_policy(steps)
-            peer, why_not = (None, "--no-peer") if args.no_peer else lerobot_peer(policy, steps)
-            if peer is not None:
-                peer_info = {"model": "LeRobot DiffusionPolicy, its default 1-D conditional UNet (a different model)",
-                             "version": peer.version, "parameters": peer.parameter_count}
-            elif not args.no_peer:
-                peer_info = {"skipped": why_not}
+            peer = None
+            if steps in peer_steps:
+                peer, peer_info = lerobot_peer(policy, steps)
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 for batch in batches:
