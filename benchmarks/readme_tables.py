@@ -273,6 +273,40 @@ def rl_quality_section(data: dict[str, Any]) -> str:
     return "\n\n".join([intro, _table(["task", "policy", "return", "seeds", "steps"], rows), _provenance(data, "rl_quality.json")])
 
 
+def diffusion_quality_section(data: dict[str, Any]) -> str:
+    intro = ("**Diffusion policy** against BC and DT on datasets that mix behaviour policies (medium-expert), where a "
+             "multi-modal policy should beat BC; each family with its own recipe, the grid's budget.")
+    return intro + "\n\n" + quality_section(data, "diffusion/quality.json")
+
+
+def diffusion_speed_section(data: dict[str, Any]) -> str:
+    config, target = data["config"], data["target"]
+    peer = data.get("peer", {})
+    has_peer = any("lerobot_chunk" in e for e in data["results"])
+    headers = ["DDIM steps", "threads", "batch", "chunk ms", "actions/s (receding)", "actions/s (ensemble)"]
+    headers += ["LeRobot chunk ms", "LeRobot / kinema"] if has_peer else []
+    rows = []
+    for e in data["results"]:
+        row = [e["steps"], e["threads"], e["batch"], _fmt(e["chunk"]["median_ms"]), _fmt(e["actions_per_s_receding"], 0),
+               _fmt(e["actions_per_s_ensemble"], 0)]
+        if has_peer:
+            row += [_fmt(e["lerobot_chunk"]["median_ms"]) if "lerobot_chunk" in e else "-",
+                    f"{e['lerobot_over_kinema_chunk']}×" if "lerobot_over_kinema_chunk" in e else "-"]
+        rows.append(row)
+    measured = ", ".join(f"{k.split('_')[0]} thread(s): {_fmt(v)} ms" for k, v in target["measured_ms"].items())
+    intro = (f"**Diffusion policy speed** on {config['task']}'s shapes ({data['parameters']:,} parameters, horizon "
+             f"{config['horizon']}, {config['n_action_steps']} actions executed per chunk; medians, interleaved). Target: "
+             f"≤ {_fmt(target['target_ms'], 0)} ms per chunk at {target['setting']} on a 2-core machine; measured "
+             f"({target['cpu_capability']}) {measured}.")
+    parts = [intro, _table(headers, rows)]
+    if has_peer:
+        parts.append(f"Peer: {peer['model']}, LeRobot {peer['version']}, {peer['parameters']:,} parameters.")
+    elif peer.get("skipped"):
+        parts.append(f"LeRobot not measured: {peer['skipped']}")
+    parts.append(_provenance(data, "diffusion_speed.json"))
+    return "\n\n".join(parts)
+
+
 def chain_cost_section(data: dict[str, Any]) -> str:
     config, chains, gflop = data["config"], data["chains"], data["gflop_per_sample"]
     hours = {entry["threads"]: entry for entry in data.get("training_hours", [])}
@@ -305,6 +339,8 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "body/quality": body_quality_section,
     "bot_speed": bot_speed_section,
     "rl_quality": rl_quality_section,
+    "diffusion/quality": diffusion_quality_section,
+    "diffusion_speed": diffusion_speed_section,
 }
 
 
