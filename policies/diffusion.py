@@ -134,7 +134,7 @@ class DiffusionConfig:
         return self.horizon - self.n_obs_steps + 1
 
 
-def make_noise_scheduler(config: DiffusionConfig, sampler: str = "ddpm", eta: float = 0.0) -> Any:
+def make_noise_scheduler(config: DiffusionConfig, sampler: str = "ddpm") -> Any:
     """A diffusers scheduler for ``config``'s noise schedule: ``ddpm`` (training, and reference sampling),
     ``ddim`` or ``dpmsolver`` (DPM-Solver++ 2M)."""
     try:
@@ -272,7 +272,7 @@ class DiffusionPolicy(Policy):
         )
         self.denoiser = ChunkDenoiser(config, spec.obs_dim, spec.act_dim)
         self.train_scheduler = make_noise_scheduler(config, "ddpm")
-        self._sampling = None  # (options key, scheduler), rebuilt when the inference options change
+        self._sampling = None  # (sampler name, its scheduler), rebuilt when inference.sampler changes
 
     # -- normalisation ----------------------------------------------------------------------
     def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
@@ -312,10 +312,9 @@ class DiffusionPolicy(Policy):
             raise
 
     def _sampling_scheduler(self) -> Any:
-        options = self.inference
-        key = (options.sampler, options.eta)
-        if self._sampling is None or self._sampling[0] != key:
-            self._sampling = (key, make_noise_scheduler(self.config, options.sampler))
+        sampler = self.inference.sampler
+        if self._sampling is None or self._sampling[0] != sampler:
+            self._sampling = (sampler, make_noise_scheduler(self.config, sampler))
         return self._sampling[1]
 
     def sample_chunks(self, obs_normalized: torch.Tensor, noise: torch.Tensor, committed: Optional[torch.Tensor] = None,
