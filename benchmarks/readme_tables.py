@@ -240,7 +240,16 @@ def body_quality_section(data: dict[str, Any]) -> str:
     intro = ("**Body Transformer, offline** (the paper's claim: BoT ≥ a vanilla transformer and an MLP): behaviour "
              "cloning with BoT-Hard, BoT-Mix, the same transformer without the body mask, and BC's MLP widened to "
              "BoT's parameter count (`bot_speed` below lists the counts).")
-    return intro + "\n\n" + quality_section(data, "body/quality.json")
+    labels = {entry["policy"]: entry["label"] for entry in data.get("policies", [])}
+    orderings = []
+    for dataset in sorted({row["dataset"] for row in data["table"]}):
+        cells = sorted((row for row in data["table"] if row["dataset"] == dataset and row["score_mean"] is not None),
+                       key=lambda row: -row["score_mean"])
+        orderings.append(f"{dataset}: " + " > ".join(
+            f"{labels.get(row['policy'], row['policy']).split(' (')[0]} {row['score_mean']:.1f} ± {row['score_std']:.1f}"
+            for row in cells))
+    ranking = "Ordering by mean score (differences smaller than the ± overlap are ties): " + "; ".join(orderings) + "."
+    return intro + "\n\n" + quality_section(data, "body/quality.json") + "\n\n" + ranking
 
 
 def bot_speed_section(data: dict[str, Any]) -> str:
