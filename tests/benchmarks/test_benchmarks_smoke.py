@@ -487,3 +487,14 @@ def test_diffusion_modes_plots_samples_against_bc_where_behaviour_policies_disag
     with pytest.raises(SystemExit):  # the two checkpoints the wrong way round
         diffusion_modes.main(["--dataset-path", str(data), "--diffusion", str(tmp_path / "bc" / "checkpoint"),
                               "--bc", str(tmp_path / "diffusion" / "checkpoint"), "--results-dir", str(tmp_path / "out")])
+
+
+def test_diffusion_recipe_json(tmp_path: Path) -> None:
+    from kinema.benchmarks import diffusion_recipe
+
+    data = diffusion_recipe.main(["--quick", "--dataset-path", str(tiny_hopper_dataset(tmp_path)),
+                                  "--out", str(tmp_path / "diffusion_recipe.json")])
+    check_record(json.loads((tmp_path / "diffusion_recipe.json").read_text()), "diffusion_recipe")
+    assert set(data["curves"]) == set(diffusion_recipe.RECIPES)
+    assert [point["step"] for point in data["bc_curve"]] == [2, 4]
+    assert all(len(curve) == 2 and all(p["executed_action_mse"] > 0 for p in curve) for curve in data["curves"].values())
