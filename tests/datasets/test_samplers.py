@@ -131,8 +131,8 @@ def test_rank_without_episodes_is_an_error():
 
 def test_bad_arguments():
     dataset = make_dataset([4, 4])
-    with pytest.raises(ValueError, match="unknown sampler kind 'chunks'.*transitions.*windows"):
-        make_sampler(dataset, "chunks", batch_size=4)
+    with pytest.raises(ValueError, match="unknown sampler kind 'trajectories'.*chunks.*transitions.*windows"):
+        make_sampler(dataset, "trajectories", batch_size=4)
     with pytest.raises(ValueError, match="context_len must be 1"):
         make_sampler(dataset, "transitions", batch_size=4, context_len=20)
     with pytest.raises(ValueError, match="batch_size"):
