@@ -11,8 +11,9 @@ diffusion_policy's causal action attention).
 
 Training (diffusion_policy's recipe, two values changed for a CPU budget, see the config): DDPM with
 ``num_train_timesteps`` (100) steps and the ``squaredcos_cap_v2`` schedule, prediction of the clean
-chunk (``prediction_type=epsilon`` predicts the noise, as diffusion_policy), ``clip_sample``; actions normalised to [-1, 1] by the dataset's per-dimension min and max
-(stored in the checkpoint); AdamW with a cosine schedule and warm-up, and an EMA of the weights
+chunk (``prediction_type=epsilon`` predicts the noise, as diffusion_policy), ``clip_sample``;
+actions normalised to [-1, 1] by the dataset's per-dimension min and max (stored in the
+checkpoint); AdamW with a cosine schedule and warm-up, and an EMA of the weights
 that evaluation uses (``kinema.policies.Recipe``). The noise schedulers are diffusers' (the
 ``diffusion`` extra), as in diffusion_policy and LeRobot.
 
