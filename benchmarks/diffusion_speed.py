@@ -151,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(original_threads)
 
-    config = build_policy(step_counts[0]).config
-    parameters = sum(p.numel() for p in build_policy(step_counts[0]).parameters())
+    config = policy.config  # the last model built: every step count shares the architecture
+    parameters = sum(p.numel() for p in policy.parameters())
     default_10 = [e for e in results if e["steps"] == 10 and e["batch"] == 1]
     target = {"target_ms": TARGET_MS, "setting": "10 DDIM steps, batch 1",
               "measured_ms": {f"{e['threads']}_threads": e["chunk"]["median_ms"] for e in default_10},
