@@ -274,10 +274,15 @@ def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 
 def parse_threads(text: str) -> list[int]:
+    return parse_positive_ints(text, "--threads")
+
+
+def parse_positive_ints(text: str, option: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; anything else is refused naming ``option``."""
     try:
-        threads = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        threads = []
-    if not threads or min(threads) < 1:
-        raise ValueError(f"--threads expects a comma-separated list of positive integers, got {text!r}")
-    return threads
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} expects a comma-separated list of positive integers, got {text!r}")
+    return values

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kinema.benchmarks.bench_utils import (
-    RunRecord, interleave, output_or_error, parse_threads, print_table, ratio, require_positive, summarize_ms,
+    RunRecord, interleave, output_or_error, parse_positive_ints, parse_threads, print_table, ratio, require_positive, summarize_ms,
 )
 from kinema.benchmarks.quality import VARIANTS
 
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.rounds, args.batches, args.threads = 3, "1,4", "1"
     require_positive(parser, args, ("rounds",))
     out = output_or_error(parser, args.out, NAME)
-    batches, thread_counts = parse_threads(args.batches), parse_threads(args.threads)
+    batches, thread_counts = parse_positive_ints(args.batches, "--batches"), parse_threads(args.threads)
     record = RunRecord(NAME, argv)
     models = build_models()
     counts = {name: parameter_count(policy) for name, policy in models.items()}

@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from kinema.datasets.suite import load_suite_dataset
     from kinema.envs import task_spaces
     from kinema.policies import NormStats, PolicySpec, Recipe, make_policy
+    from kinema.policies.diffusion import DiffusionConfig
     from kinema.train.recipe import make_ema, make_optimizer, make_scheduler
 
     torch.set_num_threads(1)
@@ -60,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dataset = load_dataset(args.dataset_path) if args.dataset_path else load_suite_dataset(args.dataset)
     obs_dim, act_dim, low, high = task_spaces(dataset.task or args.dataset.split("-")[0])
     spec, stats = PolicySpec(obs_dim, act_dim, low, high), NormStats(dataset.statistics())
-    chunks = {"context_len": 16, "n_obs_steps": 2, "n_action_steps": 8}
+    defaults = DiffusionConfig()
+    chunks = {"context_len": defaults.horizon, "n_obs_steps": defaults.n_obs_steps, "n_action_steps": defaults.n_action_steps}
     held_out = make_sampler(dataset, "chunks", batch_size=held_out_size, seed=99, **chunks).sample()
     executed = chunks["n_obs_steps"] - 1
     target = held_out["actions"][:, executed]

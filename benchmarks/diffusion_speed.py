@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from kinema.benchmarks.bench_utils import (
-    RunRecord, interleave, output_or_error, parse_threads, print_table, require_positive, summarize_ms,
+    RunRecord, interleave, output_or_error, parse_positive_ints, parse_threads, print_table, require_positive, summarize_ms,
 )
 
 NAME = "diffusion_speed"
@@ -121,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.steps, args.batches, args.threads, args.rounds = "2,10", "1", "1", 3
     require_positive(parser, args, ("rounds",))
     out = output_or_error(parser, args.out, NAME)
-    step_counts, batches, thread_counts = parse_threads(args.steps), parse_threads(args.batches), parse_threads(args.threads)
-    peer_steps = set() if args.no_peer else set(parse_threads(args.peer_steps))
+    step_counts, batches, thread_counts = (parse_positive_ints(args.steps, "--steps"), parse_positive_ints(args.batches, "--batches"),
+                                           parse_threads(args.threads))
+    peer_steps = set() if args.no_peer else set(parse_positive_ints(args.peer_steps, "--peer-steps"))
     record = RunRecord(NAME, argv)
     original_threads = torch.get_num_threads()
     results, peer_info = [], {"skipped": "--no-peer" if args.no_peer else f"no step count of --steps in --peer-steps {args.peer_steps}"}

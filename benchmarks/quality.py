@@ -321,8 +321,7 @@ class CodeHistory:
                 paths = [*self.family_files(family), *self.sampler_files(family), *SHARED_SCORE_CODE]
             except ValueError:  # the family is no longer registered
                 paths = []
-            out = git("log", "-1", "--format=%H", "--", *paths) if paths else None
-            self._last_change[family] = out.strip() or None if out else None
+            self._last_change[family] = last_score_changing_commit(paths) if paths else None
         return self._last_change[family]
 
     def _is_ancestor(self, older: str, newer: str) -> bool | None:
@@ -345,6 +344,35 @@ class CodeHistory:
         if not current:
             return f"{family}'s code or the shared training/evaluation code changed in {last[:12]}, after the cell's commit {base[:12]}"
         return None
+
+
+# A commit that touches a family's code without changing what it computes (a refactor, a new backend
+# the default path never takes) says so in its message with a line "Score-neutral: <evidence>", e.g.
+# the golden-output tests passing unchanged. It then leaves the family's cells current. A commit
+# that also re-records the golden outputs cannot make that claim: its line is ignored.
+SCORE_NEUTRAL = "Score-neutral:"
+GOLDEN_OUTPUTS = "tests/golden"
+
+
+def claims_score_neutral(message: str) -> bool:
+    return any(line.startswith(SCORE_NEUTRAL) and line[len(SCORE_NEUTRAL):].strip() for line in message.splitlines())
+
+
+def last_score_changing_commit(paths: Sequence[str]) -> str | None:
+    """The newest commit touching ``paths`` that does not validly claim to be score-neutral (None: none, or no git)."""
+    out = git("log", "--format=%H%x1f%B%x1e", "--", *paths)
+    if out is None:
+        return None
+    for entry in out.split("\x1e"):
+        commit, _, message = entry.strip().partition("\x1f")
+        if not commit:
+            continue
+        if claims_score_neutral(message):
+            touched = git("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", commit, "--", GOLDEN_OUTPUTS)
+            if touched is not None and not touched.strip():
+                continue
+        return commit
+    return None
 
 
 def repository_file(module: str) -> str | None:

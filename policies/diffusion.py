@@ -89,7 +89,7 @@ def diffusion_recipe() -> Recipe:
 class DiffusionConfig:
     horizon: int = 16  # T: actions per chunk
     n_obs_steps: int = 2  # To: observations the chunk is conditioned on
-    n_action_steps: int = 8  # Ta: actions executed per chunk (receding horizon)
+    n_action_steps: int = 2  # Ta: actions executed per chunk (receding horizon); diffusion_policy's is 8, see the README
     embed_dim: int = 128
     n_layers: int = 4
     n_heads: int = 4

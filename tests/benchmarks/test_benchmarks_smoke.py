@@ -498,3 +498,26 @@ def test_diffusion_recipe_json(tmp_path: Path) -> None:
     assert set(data["curves"]) == set(diffusion_recipe.RECIPES)
     assert [point["step"] for point in data["bc_curve"]] == [2, 4]
     assert all(len(curve) == 2 and all(p["executed_action_mse"] > 0 for p in curve) for curve in data["curves"].values())
+
+
+def test_diffusion_inference_sweeps_steps_and_action_steps_without_retraining(tmp_path: Path) -> None:
+    from kinema.benchmarks import diffusion_inference
+    from kinema.train.cli import compose_train_config
+    from kinema.train.trainer import run_training
+
+    data = tiny_hopper_dataset(tmp_path)
+    run_training(compose_train_config(["policy=diffusion", f"dataset.path={data}", "train.steps=2", "eval.episodes=1",
+                                       "eval.num_envs=1", "threads=1", "policy.embed_dim=16", "policy.n_layers=1",
+                                       "policy.recipe.batch_size=8", "policy.num_train_timesteps=20"]), tmp_path / "run")
+    checkpoint = str(tmp_path / "run" / "checkpoint")
+    result = diffusion_inference.main(["--checkpoints", checkpoint, "--steps", "2,20", "--action-steps", "1,8",
+                                       "--episodes", "1", "--out", str(tmp_path / "inference.json")])
+    check_record(json.loads((tmp_path / "inference.json").read_text()), "diffusion_inference")
+    scores = result["runs"][0]["scores"]
+    assert set(scores["num_inference_steps"]) == {"2", "20"} and set(scores["n_action_steps"]) == {"1", "8"}
+    assert result["summary"]["n_action_steps"]["1"]["checkpoints"] == 1
+    with pytest.raises(ValueError, match="num_inference_steps"):  # more sampling steps than the 20 it was trained with
+        diffusion_inference.main(["--checkpoints", checkpoint, "--steps", "21", "--action-steps", "0", "--episodes", "1",
+                                  "--out", str(tmp_path / "refused.json")])
+    with pytest.raises(SystemExit):
+        diffusion_inference.main(["--checkpoints", checkpoint, "--steps", "0", "--out", str(tmp_path / "refused.json")])

@@ -94,3 +94,29 @@ def test_a_cells_code_is_its_familys_modules_and_sampler_not_every_family() -> N
     assert quality.CodeHistory.sampler_files("bc") == ["datasets/samplers/__init__.py"]
     assert quality.CodeHistory.sampler_files("at") == ["datasets/samplers/__init__.py", "datasets/samplers/chains.py"]
     assert quality.CodeHistory.sampler_files("diffusion") == ["datasets/samplers/__init__.py", "datasets/samplers/chunks.py"]
+
+
+def test_a_score_neutral_commit_leaves_cells_current_unless_it_rerecords_golden_outputs(tmp_path, monkeypatch) -> None:
+    def run_git(*args: str) -> str | None:
+        out = subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True)
+        return out.stdout if out.returncode == 0 else None
+
+    def commit(message: str, *files: str) -> str:
+        for name in files:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(message)
+        run_git("add", *files)
+        assert run_git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message) is not None
+        return run_git("rev-parse", "HEAD").strip()
+
+    monkeypatch.setattr(quality, "git", run_git)
+    run_git("init", "-q")
+    changed = commit("change the model", "policies/model.py")
+    commit("refactor\n\nScore-neutral: golden tests pass unchanged", "policies/model.py")
+    assert quality.last_score_changing_commit(["policies/model.py"]) == changed
+    commit("unrelated", "README.md")
+    assert quality.last_score_changing_commit(["policies/model.py"]) == changed
+    empty_claim = commit("refactor\n\nScore-neutral:", "policies/model.py")  # a claim needs its evidence
+    assert quality.last_score_changing_commit(["policies/model.py"]) == empty_claim
+    rerecorded = commit("new outputs\n\nScore-neutral: trust me", "policies/model.py", "tests/golden/model/expected.json")
+    assert quality.last_score_changing_commit(["policies/model.py"]) == rerecorded
