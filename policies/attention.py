@@ -15,6 +15,12 @@ Mask convention: a boolean tensor broadcastable to ``(batch, heads, q_len, k_len
 True means "may attend" (SDPA's convention). A row that may attend to nothing would
 make SDPA return NaN; callers keep at least the diagonal open.
 
+A :class:`MaskSpec` describes a mask instead of materialising it: causal, a band of ``window``
+groups of ``group`` tokens (DT: 3 tokens per step), which keys exist (padding), a graph
+adjacency given once per model (BoT), and whether the diagonal stays open. SDPA, math and flex
+turn it into a dense mask (:meth:`MaskSpec.dense`); the Triton kernels evaluate it inside the
+kernel, never writing a score or mask matrix to memory.
+
 ``causal=True`` with fewer queries than keys (decoding against a KV cache) is aligned
 bottom-right: query ``i`` sits at key position ``k_len - q_len + i``. SDPA's own
 ``is_causal`` is aligned top-left, so that case builds an explicit mask here.
@@ -23,12 +29,77 @@ bottom-right: query ``i`` sits at key position ``k_len - q_len + i``. SDPA's own
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 AttentionBackend = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which keys each query may attend to, as a description (positions aligned bottom-right: query
+    ``i`` of ``q_len`` sits at key position ``k_len - q_len + i``).
+
+    A key is allowed when every given condition holds: ``causal`` (key position <= query
+    position); ``window`` > 0 (query and key groups, position // ``group``, fewer than ``window``
+    apart, looking back only when causal, both ways otherwise); ``key_valid`` (B, k_len) bool is
+    True at the key; ``adjacency`` (k_len, k_len) bool is True at (query position, key position).
+    ``keep_diagonal`` then reopens each query's own position, so no row is empty.
+    """
+
+    causal: bool = False
+    window: int = 0
+    group: int = 1
+    key_valid: Optional[torch.Tensor] = None
+    adjacency: Optional[torch.Tensor] = None
+    keep_diagonal: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"MaskSpec.window must be an integer >= 0 (0: no band), got {self.window!r}")
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"MaskSpec.group must be an integer >= 1, got {self.group!r}")
+        for name in ("key_valid", "adjacency"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.ndim != 2):
+                raise ValueError(f"MaskSpec.{name} must be a 2-D bool tensor, got {getattr(value, 'dtype', type(value).__name__)} "
+                                 f"of shape {tuple(getattr(value, 'shape', ()))}")
+        if self.adjacency is not None and self.adjacency.shape[0] != self.adjacency.shape[1]:
+            raise ValueError(f"MaskSpec.adjacency must be square (k_len, k_len), got {tuple(self.adjacency.shape)}")
+
+    def check(self, batch: int, q_len: int, k_len: int) -> None:
+        """Refuse shapes this description cannot apply to, naming the field."""
+        if q_len > k_len:
+            raise ValueError(f"MaskSpec: {q_len} queries against {k_len} keys; queries are the last k_len positions at most")
+        if self.key_valid is not None and (self.key_valid.shape[1] != k_len or self.key_valid.shape[0] not in (1, batch)):
+            raise ValueError(f"MaskSpec.key_valid must have shape ({batch} or 1, {k_len}), got {tuple(self.key_valid.shape)}")
+        if self.adjacency is not None and self.adjacency.shape[0] != k_len:
+            raise ValueError(f"MaskSpec.adjacency must have shape ({k_len}, {k_len}), got {tuple(self.adjacency.shape)}")
+
+    def dense(self, batch: int, q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
+        """The described mask as a bool tensor (batch or 1, 1, q_len, k_len)."""
+        self.check(batch, q_len, k_len)
+        query = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        key = torch.arange(k_len, device=device)[None, :]
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        if self.causal:
+            allowed &= key <= query
+        if self.window > 0:
+            apart = query // self.group - key // self.group
+            allowed &= apart < self.window
+            if not self.causal:
+                allowed &= -apart < self.window
+        if self.adjacency is not None:
+            allowed &= self.adjacency.to(device)[k_len - q_len :]
+        allowed = allowed[None, None]
+        if self.key_valid is not None:
+            allowed = allowed & self.key_valid.to(device)[:, None, None, :]
+        if self.keep_diagonal:
+            allowed = allowed | (key == query)
+        return allowed
 
 # Modules imported on first request for a backend they provide.
 _LAZY_BACKEND_MODULES = {"triton": "kinema.policies.kernels"}
@@ -62,11 +133,20 @@ def _flex(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None):
 
 
 _BACKENDS: dict[str, AttentionBackend] = {"sdpa": _sdpa, "math": _math, "flex": _flex}
+# Backends that evaluate a MaskSpec themselves (they say so when they register); every other
+# backend gets MaskSpec.dense(). A lazily imported backend counts once its module has registered it.
+_DESCRIBED_MASK_BACKENDS: set[str] = set()
 
 
-def register_attention_backend(name: str, backend: AttentionBackend) -> None:
-    """Make ``attention(..., backend=name)`` call ``backend(q, k, v, mask, causal, dropout_p, scale)``."""
+def register_attention_backend(name: str, backend: AttentionBackend, takes_mask_spec: bool = False) -> None:
+    """Make ``attention(..., backend=name)`` call ``backend(q, k, v, mask, causal, dropout_p, scale)``.
+
+    ``takes_mask_spec``: the backend evaluates a :class:`MaskSpec` itself (otherwise it gets the dense mask)."""
     _BACKENDS[name] = backend
+    if takes_mask_spec:
+        _DESCRIBED_MASK_BACKENDS.add(name)
+    else:
+        _DESCRIBED_MASK_BACKENDS.discard(name)
 
 
 def available_attention_backends() -> list[str]:
@@ -101,8 +181,12 @@ def attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over ``(batch, heads, tokens, head_dim)`` tensors."""
+    if backend is not None:
+        implementation = _backend(backend)  # imports a lazily registered backend first
+    if isinstance(mask, MaskSpec) and backend not in _DESCRIBED_MASK_BACKENDS:
+        mask = mask.dense(q.shape[0], q.shape[-2], k.shape[-2], q.device)  # backends that take dense masks
     if backend is None:
         if mask is not None and not isinstance(mask, torch.Tensor):
             return _flex(q, k, v, mask, causal, dropout_p, scale)  # a FlexAttention BlockMask
         return _sdpa(q, k, v, mask, causal, dropout_p, scale)
-    return _backend(backend)(q, k, v, mask, causal, dropout_p, scale)
+    return implementation(q, k, v, mask, causal, dropout_p, scale)

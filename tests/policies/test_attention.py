@@ -75,3 +75,47 @@ def test_importing_the_models_does_not_import_triton() -> None:
         "sys.exit(1 if 'triton' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_mask_description_gives_the_masks_dt_and_bot_build_by_hand() -> None:
+    from kinema.policies.attention import MaskSpec
+    from kinema.policies.body_graph import BodyGraph
+    from kinema.policies.dt import TOKENS_PER_STEP, step_attention_mask
+
+    valid = torch.rand(3, 12, generator=torch.Generator().manual_seed(2)) > 0.3
+    for window in (0, 2):
+        by_hand = (step_attention_mask(4, window)[None, None] & valid[:, None, None, :]) | torch.eye(12, dtype=torch.bool)
+        spec = MaskSpec(causal=True, window=window, group=TOKENS_PER_STEP, key_valid=valid, keep_diagonal=True)
+        assert torch.equal(spec.dense(3, 12, 12), by_hand)
+    graph = BodyGraph.from_dict({"nodes": [
+        {"name": "root", "parent": None, "obs_indices": [0], "act_indices": []},
+        {"name": "hip", "parent": "root", "obs_indices": [1], "act_indices": [0]},
+        {"name": "knee", "parent": "hip", "obs_indices": [2], "act_indices": [1]}]}, obs_dim=3, act_dim=2)
+    adjacency = torch.as_tensor(graph.attention_mask(1))
+    assert torch.equal(MaskSpec(adjacency=adjacency).dense(1, 3, 3)[0, 0], adjacency)
+    # decoding: the last query row of a causal band
+    assert torch.equal(MaskSpec(causal=True, window=2, group=3).dense(1, 1, 12)[0, 0, 0], step_attention_mask(4, 2)[-1])
+
+
+def test_a_mask_description_through_dense_backends_equals_its_dense_mask() -> None:
+    from kinema.policies.attention import MaskSpec
+
+    q, k, v = _qkv(q_len=4, k_len=9)
+    spec = MaskSpec(causal=True, window=2, group=3, key_valid=torch.rand(2, 9, generator=torch.Generator().manual_seed(3)) > 0.3,
+                    keep_diagonal=True)
+    dense = spec.dense(2, 4, 9)
+    for backend in (None, "sdpa", "math"):
+        torch.testing.assert_close(attention(q, k, v, mask=spec, backend=backend), _reference(q, k, v, dense), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"window": -1}, "window must be an integer >= 0"),
+    ({"group": 0}, "group must be an integer >= 1"),
+    ({"key_valid": torch.ones(2, 3)}, "key_valid must be a 2-D bool tensor"),
+    ({"adjacency": torch.ones(2, 3, dtype=torch.bool)}, "adjacency must be square"),
+])
+def test_a_malformed_mask_description_is_refused_naming_the_field(fields, message) -> None:
+    from kinema.policies.attention import MaskSpec
+
+    with pytest.raises(ValueError, match=message):
+        MaskSpec(**fields)
