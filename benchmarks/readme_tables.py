@@ -316,6 +316,33 @@ def diffusion_speed_section(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def diffusion_inference_section(data: dict[str, Any]) -> str:
+    runs, summary = data["runs"], data["summary"]
+    labels = {"num_inference_steps": "DDIM steps", "n_action_steps": "actions executed per chunk"}
+    defaults = runs[0]["inference_defaults"] if runs else {}
+    parts = [f"**Diffusion policy: score against inference options, without retraining** "
+             f"({data['config'].get('dataset') or 'given checkpoints'}, {len(runs)} checkpoint(s), "
+             f"{runs[0]['eval']['episodes'] if runs else '?'} episodes each; one option changed at a time from "
+             f"{defaults.get('num_inference_steps')} DDIM steps and {defaults.get('n_action_steps') or 'the config’s'} "
+             "actions per chunk; normalised score, mean over checkpoints)."]
+    for option, values in summary.items():
+        rows = [[value, *(_fmt(run["scores"][option][value]["normalized_score_mean"], 1) for run in runs),
+                 _fmt(entry["mean"], 1)] for value, entry in values.items()]
+        parts.append(_table([labels.get(option, option), *(f"seed {run['seed']}" for run in runs), "mean"], rows))
+    parts.append(_provenance(data, "diffusion_inference.json"))
+    return "\n\n".join(parts)
+
+
+def diffusion_modes_section(data: dict[str, Any]) -> str:
+    summary = data["summary"]
+    text = (f"**Multi-modality, shown** (`benchmarks/results/{data['plot']}`): at the {summary['states']} states of "
+            f"{data['config'].get('dataset')} where the medium and expert behaviour policies disagree most, the diffusion "
+            f"policy's sampled actions cover both modes at {summary['covering_both_modes']} (at least 10% in each); mean "
+            f"distance to the nearer mode: diffusion samples {_fmt(summary['diffusion_distance_to_nearer_mode'], 3)}, "
+            f"BC's single action {_fmt(summary['bc_distance_to_nearer_mode'], 3)}.")
+    return "\n\n".join([text, f"![diffusion modes](benchmarks/results/{data['plot']})", _provenance(data, "diffusion_modes.json")])
+
+
 def chain_cost_section(data: dict[str, Any]) -> str:
     config, chains, gflop = data["config"], data["chains"], data["gflop_per_sample"]
     hours = {entry["threads"]: entry for entry in data.get("training_hours", [])}
@@ -350,6 +377,8 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "rl_quality": rl_quality_section,
     "diffusion/quality": diffusion_quality_section,
     "diffusion_speed": diffusion_speed_section,
+    "diffusion_inference": diffusion_inference_section,
+    "diffusion_modes": diffusion_modes_section,
 }
 
 

@@ -484,6 +484,8 @@ def test_diffusion_modes_plots_samples_against_bc_where_behaviour_policies_disag
     assert result["summary"]["states"] == 2 and len(result["per_state"]) == 2
     for state in result["per_state"]:
         assert state["diffusion_share_expert"] + state["diffusion_share_medium"] == pytest.approx(1.0)
+    section = readme_tables.diffusion_modes_section(json.loads((tmp_path / "out" / "diffusion_modes.json").read_text()))
+    assert "cover both modes at" in section and "diffusion_modes.png" in section
     with pytest.raises(SystemExit):  # the two checkpoints the wrong way round
         diffusion_modes.main(["--dataset-path", str(data), "--diffusion", str(tmp_path / "bc" / "checkpoint"),
                               "--bc", str(tmp_path / "diffusion" / "checkpoint"), "--results-dir", str(tmp_path / "out")])
@@ -516,6 +518,8 @@ def test_diffusion_inference_sweeps_steps_and_action_steps_without_retraining(tm
     scores = result["runs"][0]["scores"]
     assert set(scores["num_inference_steps"]) == {"2", "20"} and set(scores["n_action_steps"]) == {"1", "8"}
     assert result["summary"]["n_action_steps"]["1"]["checkpoints"] == 1
+    section = readme_tables.diffusion_inference_section(json.loads((tmp_path / "inference.json").read_text()))
+    assert "| DDIM steps | seed 0 | mean |" in section and "| actions executed per chunk | seed 0 | mean |" in section
     with pytest.raises(ValueError, match="num_inference_steps"):  # more sampling steps than the 20 it was trained with
         diffusion_inference.main(["--checkpoints", checkpoint, "--steps", "21", "--action-steps", "0", "--episodes", "1",
                                   "--out", str(tmp_path / "refused.json")])
