@@ -48,6 +48,13 @@ class MaskSpec:
     apart, looking back only when causal, both ways otherwise); ``key_valid`` (B, k_len) bool is
     True at the key; ``adjacency`` (k_len, k_len) bool is True at (query position, key position).
     ``keep_diagonal`` then reopens each query's own position, so no row is empty.
+
+    ``ring_start`` describes decoding into a ring cache instead (DT's cached step groups): the
+    queries are the newest tokens, written at slots ``ring_start .. ring_start + q_len - 1``; slot
+    order means nothing else, so each query sees every other slot (where ``key_valid``) and its
+    own group's slots up to its own. An int, or a one-element integer tensor so that a captured
+    CUDA graph can advance it without re-capture. It excludes ``causal``, ``window`` and
+    ``adjacency``.
     """
 
     causal: bool = False
@@ -56,8 +63,19 @@ class MaskSpec:
     key_valid: Optional[torch.Tensor] = None
     adjacency: Optional[torch.Tensor] = None
     keep_diagonal: bool = False
+    ring_start: Any = None
 
     def __post_init__(self) -> None:
+        if self.ring_start is not None:
+            if self.causal or self.window or self.adjacency is not None:
+                raise ValueError("MaskSpec.ring_start (ring-cache decoding) cannot be combined with causal, window or adjacency")
+            start = self.ring_start
+            if isinstance(start, torch.Tensor):
+                if start.numel() != 1 or start.dtype.is_floating_point or start.dtype == torch.bool:
+                    raise ValueError(f"MaskSpec.ring_start must be an int or a one-element integer tensor, got {start.dtype} "
+                                     f"of shape {tuple(start.shape)}")
+            elif isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"MaskSpec.ring_start must be an integer >= 0, got {start!r}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"MaskSpec.window must be an integer >= 0 (0: no band), got {self.window!r}")
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
@@ -74,6 +92,8 @@ class MaskSpec:
         """Refuse shapes this description cannot apply to, naming the field."""
         if q_len > k_len:
             raise ValueError(f"MaskSpec: {q_len} queries against {k_len} keys; queries are the last k_len positions at most")
+        if isinstance(self.ring_start, int) and self.ring_start + q_len > k_len:
+            raise ValueError(f"MaskSpec.ring_start {self.ring_start} + {q_len} new tokens overruns the {k_len} cache slots")
         if self.key_valid is not None and (self.key_valid.shape[1] != k_len or self.key_valid.shape[0] not in (1, batch)):
             raise ValueError(f"MaskSpec.key_valid must have shape ({batch} or 1, {k_len}), got {tuple(self.key_valid.shape)}")
         if self.adjacency is not None and self.adjacency.shape[0] != k_len:
@@ -82,9 +102,14 @@ class MaskSpec:
     def dense(self, batch: int, q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
         """The described mask as a bool tensor (batch or 1, 1, q_len, k_len)."""
         self.check(batch, q_len, k_len)
-        query = torch.arange(k_len - q_len, k_len, device=device)[:, None]
         key = torch.arange(k_len, device=device)[None, :]
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        if self.ring_start is not None:
+            start = torch.as_tensor(self.ring_start, device=device).reshape(())
+            query = start + torch.arange(q_len, device=device)[:, None]
+            allowed &= (key < start) | (key >= start + q_len) | (key <= query)
+        else:
+            query = torch.arange(k_len - q_len, k_len, device=device)[:, None]
         if self.causal:
             allowed &= key <= query
         if self.window > 0:

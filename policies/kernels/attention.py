@@ -9,6 +9,10 @@ once per model. No score or mask matrix is written to memory. Any length works (
 are bounds-masked), any head dimension up to 128 (padded to a power of two, at least 16, the
 smallest ``tl.dot``). A query that may attend to nothing gets zeros (SDPA would return NaN).
 
+Decoding: with ``MaskSpec.ring_start`` the same kernel attends a few new tokens (one, or DT's group
+of three) against a ring of cached keys and values, the per-step cost of a cached rollout; the
+cache is read in place through its strides.
+
 Inputs fp32, fp16 or bf16; fp32 multiplies in IEEE fp32 (not TF32), so it matches PyTorch's fp32.
 Backward: not a kernel. :class:`TritonAttention` recomputes the attention in PyTorch from the
 dense form of the same mask and differentiates that (exact, at the dense path's memory cost).
@@ -36,7 +40,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Out, KeyValid, Adjacency,
+    Q, K, V, Out, KeyValid, Adjacency, RingStart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -44,7 +48,7 @@ def _attention_forward_kernel(
     stride_valid_b, stride_valid_n, stride_adj_m, stride_adj_n,
     heads, q_len, k_len, head_dim, scale, window, group,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_ADJACENCY: tl.constexpr,
-    KEEP_DIAGONAL: tl.constexpr, IEEE: tl.constexpr,
+    KEEP_DIAGONAL: tl.constexpr, RING: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -58,7 +62,12 @@ def _attention_forward_kernel(
     d_in = offs_d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_in[:, None] & d_in[None, :], other=0.0)
-    q_pos = offs_m + (k_len - q_len)  # bottom-right alignment
+    if RING:  # the new tokens sit at RingStart.. of a ring cache (read from memory: a CUDA graph may advance it)
+        ring_start = tl.load(RingStart)
+        q_pos = offs_m + ring_start
+    else:
+        ring_start = 0
+        q_pos = offs_m + (k_len - q_len)  # bottom-right alignment
     qk_scale = scale * 1.4426950408889634  # exp2 instead of exp
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -94,6 +103,9 @@ def _attention_forward_kernel(
             allowed = allowed & (apart < window)
             if not CAUSAL:
                 allowed = allowed & (-apart < window)
+        if RING:
+            in_group = (k_pos[None, :] >= ring_start) & (k_pos[None, :] < ring_start + q_len)
+            allowed = allowed & (~in_group | (k_pos[None, :] <= q_pos[:, None]))
         if HAS_VALID:
             valid = tl.load(KeyValid + b * stride_valid_b + k_pos * stride_valid_n, mask=key_in, other=0)
             allowed = allowed & (valid[None, :] != 0)
@@ -160,16 +172,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
     placeholder = torch.zeros(1, 1, dtype=torch.int8, device=q.device)  # an unused pointer argument
     valid_arg = key_valid if key_valid is not None else placeholder
     adjacency_arg = adjacency if adjacency is not None else placeholder
+    ring = mask.ring_start is not None
+    ring_start = torch.as_tensor(mask.ring_start if ring else 0, dtype=torch.int32, device=q.device).reshape(1)
     block_m, block_n = _block(q_len, 64), _block(k_len, 64)
     grid = (triton.cdiv(q_len, block_m), batch * heads)
     _attention_forward_kernel[grid](
-        q, k, v, out, valid_arg, adjacency_arg,
+        q, k, v, out, valid_arg, adjacency_arg, ring_start,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *valid_arg.stride(), *adjacency_arg.stride(),
         heads, q_len, k_len, head_dim, float(scale if scale is not None else 1.0 / math.sqrt(head_dim)),
         mask.window, mask.group,
         CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=key_valid is not None,
-        HAS_ADJACENCY=adjacency is not None, KEEP_DIAGONAL=mask.keep_diagonal, IEEE=q.dtype == torch.float32,
+        HAS_ADJACENCY=adjacency is not None, KEEP_DIAGONAL=mask.keep_diagonal, RING=ring, IEEE=q.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
     )
     return out

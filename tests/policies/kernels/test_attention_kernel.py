@@ -112,3 +112,33 @@ def test_bad_inputs_are_refused_naming_the_problem(device) -> None:
         attention_forward(q, k, v, MaskSpec(key_valid=torch.ones(1, 5, dtype=torch.bool)))
     with pytest.raises(ValueError, match="queries against"):
         attention_forward(*qkv(1, 1, 5, 4, 16, device))
+
+
+@pytest.mark.parametrize("position", (0, 2, 4))
+def test_decoding_into_a_ring_cache_gives_the_last_rows_of_the_full_computation(position: int, device) -> None:
+    """DT's cached rollout: 5 step groups of 3 tokens in a ring, the newest group written at ``position``."""
+    groups, group = 5, 3
+    q, k, v = qkv(2, 2, groups * group, groups * group, 16, device, seed=7)
+    valid = torch.rand(2, groups * group, generator=torch.Generator().manual_seed(8)) > 0.3
+    full = attention_forward(q, k, v, MaskSpec(causal=True, group=group, key_valid=valid, keep_diagonal=True))
+    # ring position of each sequence group: the newest at `position`, the others in a scrambled order
+    others = [g for g in range(groups) if g != position][::-1]
+    ring_of_group = dict(zip(range(groups - 1), others)) | {groups - 1: position}
+    slot_order = torch.empty(groups * group, dtype=torch.long)  # ring slot -> sequence token
+    for sequence_group, ring_group in ring_of_group.items():
+        slot_order[ring_group * group : (ring_group + 1) * group] = torch.arange(sequence_group * group, (sequence_group + 1) * group)
+    ring_k, ring_v, ring_valid = k[:, :, slot_order], v[:, :, slot_order], valid[:, slot_order]
+    new = q[:, :, -group:]
+    for start in (position * group, torch.tensor([position * group], device=device)):
+        spec = MaskSpec(key_valid=ring_valid, keep_diagonal=True, ring_start=start)
+        decoded = attention_forward(new, ring_k, ring_v, spec)
+        assert (decoded - full[:, :, -group:]).abs().max().item() < 1e-6
+        assert torch.equal(spec.dense(2, group, groups * group)[..., slot_order.argsort()],
+                           MaskSpec(causal=True, group=group, key_valid=valid, keep_diagonal=True).dense(2, groups * group, groups * group)[..., -group:, :])
+    single = attention_forward(new[:, :, -1:], ring_k, ring_v, MaskSpec(key_valid=ring_valid, keep_diagonal=True,
+                                                                        ring_start=position * group + group - 1))
+    assert (single - full[:, :, -1:]).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="overruns"):
+        MaskSpec(ring_start=groups * group - 1).check(1, group, groups * group)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        MaskSpec(ring_start=0, causal=True)
