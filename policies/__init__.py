@@ -16,7 +16,9 @@ import pkgutil
 from importlib.metadata import entry_points
 from typing import Any
 
-from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, config_from_dict
+from kinema.policies.base import (
+    AttentionInference, BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, config_from_dict,
+)
 
 ENTRY_POINT_GROUP = "kinema.policies"
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -78,6 +80,6 @@ def discover_policies() -> None:
 
 
 __all__ = [
-    "BatchSpec", "InferenceOptions", "NormStats", "Policy", "PolicySpec", "Recipe", "available_policies",
+    "AttentionInference", "BatchSpec", "InferenceOptions", "NormStats", "Policy", "PolicySpec", "Recipe", "available_policies",
     "discover_policies", "make_policy", "policy_class", "policy_config", "register_policy",
 ]

@@ -174,6 +174,14 @@ def register_attention_backend(name: str, backend: AttentionBackend, takes_mask_
         _DESCRIBED_MASK_BACKENDS.discard(name)
 
 
+def takes_mask_spec(backend: str | None) -> bool:
+    """Whether ``backend`` evaluates a :class:`MaskSpec` itself (models then describe their masks instead of building them)."""
+    if backend is None:
+        return False
+    _backend(backend)  # a lazily registered backend registers on first request
+    return backend in _DESCRIBED_MASK_BACKENDS
+
+
 def available_attention_backends() -> list[str]:
     return sorted(set(_BACKENDS) | set(_LAZY_BACKEND_MODULES))
 

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kinema.policies.attention import available_attention_backends
+
 
 @dataclass(frozen=True)
 class PolicySpec:
@@ -215,6 +217,19 @@ class InferenceOptions:
     Families extend it (DT: the target return, the KV cache); the checkpoint records the
     values the run was evaluated with.
     """
+
+
+@dataclass
+class AttentionInference(InferenceOptions):
+    """Inference options of a family that calls the attention entry point: which backend it uses."""
+
+    attention_backend: Optional[str] = None  # a kinema.policies.attention backend (sdpa, math, flex, triton); null: its choice
+
+    def __post_init__(self) -> None:
+        if self.attention_backend is not None and self.attention_backend not in available_attention_backends():
+            raise ValueError(
+                f"inference.attention_backend must be one of {available_attention_backends()} or null, got {self.attention_backend!r}"
+            )
 
 
 class Policy(nn.Module):

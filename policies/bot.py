@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, require_positive_int
+from kinema.policies.attention import MaskSpec, takes_mask_spec
+from kinema.policies.base import AttentionInference, BatchSpec, NormStats, Policy, PolicySpec, Recipe, require_positive_int
 from kinema.policies.transformer import Block, init_gpt_weights
 
 VARIANTS = ("hard", "mix", "vanilla")
@@ -74,7 +75,7 @@ class BoTConfig(BoTNetwork):
 
     # BC's recipe: Adam 3e-4 (AdamW with no weight decay), batch 256.
     recipe: Recipe = field(default_factory=lambda: Recipe(batch_size=256, lr=3.0e-4))
-    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    inference: AttentionInference = field(default_factory=AttentionInference)
 
 
 def layer_masks(variant: str, n_layers: int, first_masked_layer: int = 0) -> list[bool]:
@@ -135,12 +136,13 @@ class BodyTransformerEncoder(nn.Module):
     def padding_weights(self) -> int:
         return int((~self.obs_valid).sum()) * self.token_weight.shape[2]
 
-    def forward(self, normalized_obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, normalized_obs: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         # where, not a product: a non-finite value at index 0 must not leak into other nodes' padding.
         gathered = torch.where(self.obs_valid, normalized_obs[:, self.obs_index], 0.0)  # (B, nodes, widest)
         tokens = torch.einsum("bni,nid->bnd", gathered, self.token_weight) + self.token_bias + self.node_embedding
+        graph_mask = MaskSpec(adjacency=self.graph_mask) if takes_mask_spec(backend) else self.graph_mask
         for block, masked in zip(self.blocks, self.layer_is_masked):
-            tokens = block(tokens, mask=self.graph_mask if masked else None)
+            tokens = block(tokens, mask=graph_mask if masked else None, backend=backend)
         return self.ln_f(tokens)
 
 
@@ -202,7 +204,7 @@ class BoTPolicy(Policy):
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         """Unit-box action for raw observations."""
-        return torch.tanh(self.detokenizer(self.encoder(self.normalize_obs(observations))))
+        return torch.tanh(self.detokenizer(self.encoder(self.normalize_obs(observations), self.inference.attention_backend)))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         predicted = self(batch["observations"])

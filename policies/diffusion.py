@@ -43,7 +43,7 @@ from torch import nn
 
 from kinema.policies import register_policy
 from kinema.policies.attention import attention
-from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, require_positive_int
+from kinema.policies.base import AttentionInference, BatchSpec, NormStats, Policy, PolicySpec, Recipe, require_positive_int
 from kinema.policies.transformer import init_gpt_weights
 
 SAMPLERS = ("ddim", "dpmsolver")
@@ -54,16 +54,16 @@ ACTION_RANGE_EPS = 1e-4  # an action dimension whose data range is below this is
 
 
 @dataclass
-class DiffusionInference(InferenceOptions):
+class DiffusionInference(AttentionInference):
     sampler: str = "ddim"  # ddim | dpmsolver (DPM-Solver++ 2M)
     num_inference_steps: int = 10  # denoising steps per chunk; at most the training steps
     eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 with every training step is DDPM
     execution: str = "receding"  # receding: n_action_steps per chunk | ensemble: a chunk every step, averaged
     n_action_steps: Optional[int] = None  # receding: actions executed per chunk (null: the config's)
     ensemble_decay: float = 0.01  # ensemble: the k-th oldest prediction of a step weighs exp(-decay * k) (ACT)
-    attention_backend: Optional[str] = None  # null: the attention entry point's choice
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.sampler not in SAMPLERS:
             raise ValueError(f"inference.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.execution not in EXECUTIONS:

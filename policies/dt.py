@@ -59,10 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinema.policies import register_policy
+from kinema.policies.attention import MaskSpec, takes_mask_spec
 from kinema.policies.base import (
-    BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe, cpu_has_native_bf16, require_positive_int,
+    AttentionInference, BatchSpec, NormStats, Policy, PolicySpec, Recipe, cpu_has_native_bf16, require_positive_int,
 )
-from kinema.policies.attention import available_attention_backends
 from kinema.policies.transformer import GPT, init_gpt_weights
 
 TOKENS_PER_STEP = 3  # [previous action, return-to-go, state]
@@ -72,20 +72,16 @@ ACTION_SLOT, RETURN_SLOT, STATE_SLOT = 0, 1, 2
 
 
 @dataclass
-class DTInference(InferenceOptions):
+class DTInference(AttentionInference):
     """DT's rollout options; none changes the trained weights."""
 
     target_return: Optional[float] = None  # used when reset() gets none (evaluation always passes one)
     use_kv_cache: bool = True  # False: recompute the window every step (exact full-context models only)
-    attention_backend: Optional[str] = None  # a kinema.policies.attention backend (sdpa, math, ...); None: its default
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.target_return is not None:
             self.target_return = float(self.target_return)
-        if self.attention_backend is not None and self.attention_backend not in available_attention_backends():
-            raise ValueError(
-                f"attention_backend must be one of {available_attention_backends()} or null, got {self.attention_backend!r}"
-            )
 
 
 def dt_recipe() -> Recipe:
@@ -273,8 +269,12 @@ class DecisionTransformer(Policy):
             metrics["return_mse"] = return_mse.item()
         return total, metrics
 
-    def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
-        """(B, 1, T, T): causal/banded and real keys only; the diagonal stays open so no row is empty."""
+    def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor | MaskSpec:
+        """(B, 1, T, T): causal/banded and real keys only; the diagonal stays open so no row is empty.
+        Described instead (a MaskSpec) for a backend that evaluates descriptions."""
+        if takes_mask_spec(self.inference.attention_backend):
+            return MaskSpec(causal=True, window=self.config.attention_window, group=TOKENS_PER_STEP, key_valid=valid,
+                            keep_diagonal=True)
         tokens = valid.shape[1]
         allowed = self.train_mask
         if tokens > allowed.shape[0]:  # longer than training windows (reference computations)
@@ -358,10 +358,14 @@ class DecisionTransformer(Policy):
 
         if self.config.attention_window or (self.inference.use_kv_cache and state.context_steps.max() < state.groups):
             key_valid = state.key_valid
-            mask = (key_valid.unsqueeze(1) & state.decode_allowed[j]) | state.decode_self[j]
+            if takes_mask_spec(self.inference.attention_backend):  # the ring described, not built
+                mask = MaskSpec(key_valid=key_valid, keep_diagonal=True, ring_start=start)
+                last_mask = MaskSpec(key_valid=key_valid, keep_diagonal=True, ring_start=start + TOKENS_PER_STEP - 1)
+            else:
+                mask = ((key_valid.unsqueeze(1) & state.decode_allowed[j]) | state.decode_self[j]).unsqueeze(1)
+                last_mask = key_valid.view(n, 1, 1, -1)
             hidden = self.transformer.decode(
-                group, state.cache, start, mask.unsqueeze(1), key_valid.view(n, 1, 1, -1), state.weights,
-                self.inference.attention_backend,
+                group, state.cache, start, mask, last_mask, state.weights, self.inference.attention_backend,
             )
             state.write_group = (j + 1) % state.groups
         else:

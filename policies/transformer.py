@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kinema.policies.attention import attention
+from kinema.policies.attention import MaskSpec, attention
 
 
 class KVCache:
@@ -80,7 +80,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | MaskSpec | None = None,
         causal: bool = False,
         query_index: slice | None = None,
         kv_out: torch.Tensor | None = None,
@@ -95,14 +95,20 @@ class Block(nn.Module):
         if kv_out is not None:
             kv_out.copy_(qkv[..., x.shape[-1] :])
         q, k, v = self._split_heads(qkv)
+        # A MaskSpec has no rows to pick: attend for every query, then keep the picked ones.
+        pick_after = query_index is not None and isinstance(mask, MaskSpec)
         if query_index is not None:
-            q, x = q[:, :, query_index], x[:, query_index]
-            if mask is not None:
-                mask = mask[..., query_index, :]
+            x = x[:, query_index]
+            if not pick_after:
+                q = q[:, :, query_index]
+                if mask is not None:
+                    mask = mask[..., query_index, :]
             if causal:  # the explicit mask now carries causality; queries are a subset
                 raise ValueError("query_index needs an explicit mask, not causal=True")
         dropout_p = self.attention_dropout if self.training else 0.0
         out = attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, backend=backend)
+        if pick_after:
+            out = out[:, :, query_index]
         out = out.transpose(1, 2).reshape(x.shape)
         x = x + self.dropout(self.proj(out))
         return x + self.dropout(self.fc_out(F.gelu(self.fc(self.ln2(x)), approximate="tanh")))
@@ -162,8 +168,8 @@ class GPT(nn.Module):
         x: torch.Tensor,
         cache: KVCache,
         start: int,
-        mask: torch.Tensor,
-        last_mask: torch.Tensor,
+        mask: torch.Tensor | MaskSpec,
+        last_mask: torch.Tensor | MaskSpec,
         weights: list[tuple[torch.Tensor, ...]] | None = None,
         backend: str | None = None,
     ) -> torch.Tensor:

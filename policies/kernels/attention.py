@@ -14,7 +14,8 @@ of three) against a ring of cached keys and values, the per-step cost of a cache
 cache is read in place through its strides.
 
 Inputs fp32, fp16 or bf16; fp32 multiplies in IEEE fp32 (not TF32), so it matches PyTorch's fp32.
-Backward: not a kernel. :class:`TritonAttention` recomputes the attention in PyTorch from the
+Attention dropout (training only) has no kernel: with ``dropout_p`` > 0 the backend computes in
+PyTorch from the dense mask. Backward: not a kernel. :class:`TritonAttention` recomputes the attention in PyTorch from the
 dense form of the same mask and differentiates that (exact, at the dense path's memory cost).
 
 On a machine without a GPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set
@@ -190,7 +191,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec | None = None,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """The same computation in plain PyTorch from the dense mask (rows with nothing allowed give zeros)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
@@ -201,6 +202,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         weights = torch.where(allowed.any(-1, keepdim=True), weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
     else:
         weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, dropout_p)
     return torch.matmul(weights, v)
 
 
@@ -226,14 +229,14 @@ class TritonAttention(torch.autograd.Function):
 
 def triton_attention(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None) -> torch.Tensor:
     """The ``triton`` backend of :func:`kinema.policies.attention.attention`."""
-    if dropout_p > 0.0:
-        raise ValueError("the triton attention backend has no dropout; use it for inference or with dropout 0")
     if isinstance(mask, torch.Tensor):
         raise ValueError("the triton attention backend takes a MaskSpec, not a dense mask tensor")
     if mask is not None and not isinstance(mask, MaskSpec):
         raise ValueError(f"the triton attention backend takes a MaskSpec, got {type(mask).__name__}")
     if causal:
         mask = MaskSpec(causal=True) if mask is None else _with_causal(mask)
+    if dropout_p > 0.0:  # the kernel has no dropout: training with attention dropout takes the PyTorch path
+        return reference_attention(q, k, v, mask, scale, dropout_p)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return TritonAttention.apply(q, k, v, mask, scale)
     return attention_forward(q, k, v, mask, scale)

@@ -102,8 +102,10 @@ def test_bad_inputs_are_refused_naming_the_problem(device) -> None:
     q, k, v = qkv(1, 1, 4, 4, 16, device)
     with pytest.raises(ValueError, match="MaskSpec, not a dense mask"):
         attention(q, k, v, mask=torch.ones(4, 4, dtype=torch.bool), backend="triton")
-    with pytest.raises(ValueError, match="no dropout"):
-        attention(q, k, v, dropout_p=0.1, backend="triton")
+    torch.manual_seed(0)
+    dropped = attention(q, k, v, dropout_p=0.5, backend="triton")  # no dropout kernel: PyTorch's path, with dropout
+    torch.manual_seed(0)
+    assert torch.allclose(dropped, reference_attention(q, k, v, dropout_p=0.5))
     with pytest.raises(ValueError, match="head dimension <= 128"):
         attention_forward(*qkv(1, 1, 4, 4, 160, device))
     with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
