@@ -88,7 +88,7 @@ import torch
 
 from kinema.policies import register_policy
 from kinema.policies.base import BatchSpec, require_positive_int
-from kinema.policies.dt import DecisionTransformer, DTConfig
+from kinema.policies.dt import DecisionTransformer, DTConfig, _Rollout
 
 LOSS_ON = ("all", "final_trial")
 
@@ -144,33 +144,36 @@ class AgenticTransformer(DecisionTransformer):
         return batch["mask"].bool() & batch["final_trial"].bool()
 
     # -- rollouts: trials follow each other in one context -------------------------------
-    def reset(self, num_envs: int, target_return: Any = None, **conditioning: Any) -> None:
-        super().reset(num_envs, target_return=target_return, **conditioning)
-        state = self._rollout
-        state.trial_returns = np.zeros(state.num_envs, dtype=np.float64)
-        state.completed = np.zeros(state.num_envs, dtype=bool)
-
-    def observe_reward(self, reward: Any) -> None:
-        super().observe_reward(reward)
-        rewards = np.asarray(reward, dtype=np.float64).reshape(-1)
-        state = self._rollout
-        state.trial_returns += rewards
-        state.completed |= state.trial_returns >= state.targets  # sticky within the trial
-        act_dim = self.spec.act_dim
-        state.previous_feats[:, act_dim] = rewards / self.config.reward_scale
-        state.previous_feats[:, act_dim + 1] = state.completed
-
-    def _record_action(self, unit_action: torch.Tensor) -> None:
-        super()._record_action(unit_action)
-        # The outcome of this action arrives with observe_reward; until then: no reward, same completion.
-        state, act_dim = self._rollout, self.spec.act_dim
-        state.previous_feats[:, act_dim] = 0.0
-        state.previous_feats[:, act_dim + 1] = state.completed
+    def _make_rollout(self, num_envs: int, targets: np.ndarray) -> "_TrialsRollout":
+        return _TrialsRollout(self, num_envs, targets)
 
     def end_episode(self, env_indices: Any) -> None:
         """A trial of these environments ended: the next one starts in the same context."""
-        index = self._check_env_indices(env_indices)
-        self._restart_trial(index)
-        state = self._rollout
-        state.trial_returns[index] = 0.0
-        state.completed[index] = False
+        self._rollout.restart_trial(torch.as_tensor(self._check_env_indices(env_indices), device=self.device))
+
+
+class _TrialsRollout(_Rollout):
+    """DT's rollout plus each trial's return so far and whether it reached the target (fed back as tokens)."""
+
+    def __init__(self, policy: AgenticTransformer, num_envs: int, targets: np.ndarray):
+        super().__init__(policy, num_envs, targets)
+        self.trial_returns = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
+        self.completed = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
+
+    def observe_reward(self, rewards: torch.Tensor) -> None:
+        super().observe_reward(rewards)
+        self.trial_returns += rewards
+        self.completed |= self.trial_returns >= self.targets  # sticky within the trial
+        self.previous_feats[:, self.act_dim] = rewards / self.config.reward_scale
+        self.previous_feats[:, self.act_dim + 1] = self.completed
+
+    def restart_trial(self, index: torch.Tensor) -> None:
+        super().restart_trial(index)
+        self.trial_returns[index] = 0.0
+        self.completed[index] = False
+
+    def record_action(self, unit_action: torch.Tensor) -> None:
+        super().record_action(unit_action)
+        # The outcome of this action arrives with observe_reward; until then: no reward, same completion.
+        self.previous_feats[:, self.act_dim] = 0.0
+        self.previous_feats[:, self.act_dim + 1] = self.completed

@@ -308,7 +308,10 @@ class DecisionTransformer(Policy):
                 f"{self.name}: a policy trained with attention_window decodes with its KV cache only "
                 "(a recomputed window is not what it was trained to see); set inference.use_kv_cache=true"
             )
-        self._rollout = _Rollout(self, int(num_envs), targets)
+        self._rollout = self._make_rollout(int(num_envs), targets)
+
+    def _make_rollout(self, num_envs: int, targets: np.ndarray) -> "_Rollout":
+        return _Rollout(self, num_envs, targets)
 
     @property
     def _num_envs(self) -> int:
@@ -317,89 +320,34 @@ class DecisionTransformer(Policy):
 
     def observe_reward(self, reward: Any) -> None:
         rewards = self._check_per_env(reward, "observe_reward")
-        state = self._rollout
-        state.returns_to_go -= rewards
-        state.return_feature[:] = state.returns_to_go / self.config.rtg_scale
+        self._rollout.observe_reward(torch.as_tensor(rewards, device=self.device))
 
     def end_episode(self, env_indices: Any) -> None:
         """The episode of these environments ended: start their contexts afresh (DT plays one trial per context)."""
         index = self._check_env_indices(env_indices)
         state = self._rollout
-        self._restart_trial(index)
-        state.context_steps[index] = 0
-        state.key_valid[torch.as_tensor(index, device=state.key_valid.device)] = False
-
-    def _restart_trial(self, index: np.ndarray) -> None:
-        state = self._rollout
-        state.returns_to_go[index] = state.targets[index]
-        state.return_feature[index] = state.targets[index] / self.config.rtg_scale
-        state.times[index, 1:] = 0
-
-    def _record_action(self, unit_action: torch.Tensor) -> None:
-        self._rollout.previous_feats[:, : self.spec.act_dim] = unit_action.cpu().numpy()
+        state.restart_trial(torch.as_tensor(index, device=self.device))
+        state.clear_context(index)
 
     @torch.no_grad()
     def act(self, observation: Any) -> torch.Tensor:
-        """Actions (N, act_dim) in the action box for observations (N, obs_dim), one group appended per context."""
+        """Actions (N, act_dim) in the action box for observations (N, obs_dim), one group appended per context.
+
+        Wraps the rollout's pure tensor steps: ``decode_step`` (the new group against the KV cache)
+        or, once an exact full-context model's context slides, ``recompute_step`` (the whole window).
+        Which one runs follows from host-side counts only, so choosing never reads the device.
+        """
         state = self.__dict__.get("_rollout")
         if state is None:
             raise RuntimeError(f"{self.name}.act called before reset(num_envs)")
         obs = self.as_observation_tensor(observation)
-        n = state.num_envs
-        if obs.shape[0] != n:
-            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={n})")
-        np.minimum(state.times, self.config.max_timestep - 1, out=state.clamped_times)
-        group = state.embed_group(self.normalize_obs(obs))  # (N, 3, D)
-        j = state.write_group
-        start = TOKENS_PER_STEP * j
-        state.token_views[j].copy_(group)
-        state.slot_pattern[:, ACTION_SLOT] = state.context_steps > 0
-        state.valid_views[j].copy_(state.slot_pattern_t)
-
-        if self.config.attention_window or (self.inference.use_kv_cache and state.context_steps.max() < state.groups):
-            key_valid = state.key_valid
-            if takes_mask_spec(self.inference.attention_backend):  # the ring described, not built
-                mask = MaskSpec(key_valid=key_valid, keep_diagonal=True, ring_start=start)
-                last_mask = MaskSpec(key_valid=key_valid, keep_diagonal=True, ring_start=start + TOKENS_PER_STEP - 1)
-            else:
-                mask = ((key_valid.unsqueeze(1) & state.decode_allowed[j]) | state.decode_self[j]).unsqueeze(1)
-                last_mask = key_valid.view(n, 1, 1, -1)
-            hidden = self.transformer.decode(
-                group, state.cache, start, mask, last_mask, state.weights, self.inference.attention_backend,
-            )
-            state.write_group = (j + 1) % state.groups
+        if obs.shape[0] != state.num_envs:
+            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={state.num_envs})")
+        if state.decodes_next_step():
+            unit_action = state.decode_step(self.normalize_obs(obs))
         else:
-            hidden = self._recompute_window(j)
-        np.minimum(state.context_steps + 1, state.groups, out=state.context_steps)
-
-        unit_action = torch.tanh(F.linear(hidden, *state.head))
-        self._record_action(unit_action)
-        state.times[:, 0] = state.times[:, 1]
-        state.times[:, 1:] += 1
+            unit_action = state.recompute_step(self.normalize_obs(obs))
         return torch.addcmul(state.action_mid, unit_action, state.action_half)
-
-    def _recompute_window(self, newest_group: int) -> torch.Tensor:
-        """Run the whole window (oldest group first) and rebuild the cache from it; the newest state token's hidden state."""
-        state, device = self._rollout, self.device
-        groups = state.groups
-        oldest = (newest_group + 1) % groups
-        # A full context drops its oldest step now: that step's group loses its previous-action token.
-        full = torch.from_numpy(state.context_steps + 1 >= groups).to(device)
-        action_slot = TOKENS_PER_STEP * oldest + ACTION_SLOT
-        state.key_valid[:, action_slot] &= ~full
-        order = (torch.arange(groups, device=device) + oldest) % groups
-        slots = (order[:, None] * TOKENS_PER_STEP + torch.arange(TOKENS_PER_STEP, device=device)).reshape(-1)
-        tokens = state.tokens[:, slots]
-        valid = state.key_valid[:, slots]
-        hidden = self.transformer(
-            tokens, self._attention_mask(valid), query_index=slice(-1, None), cache=state.cache,
-            backend=self.inference.attention_backend,
-        )
-        # The ring now starts at the oldest group.
-        state.tokens.copy_(tokens)
-        state.key_valid.copy_(valid)
-        state.write_group = 0
-        return hidden[:, 0]
 
     def _check_per_env(self, values: Any, what: str) -> np.ndarray:
         n = self._num_envs
@@ -423,11 +371,18 @@ class DecisionTransformer(Policy):
 
 
 class _Rollout:
-    """Everything one batched rollout keeps (a plain object: nn.Module attribute access is slow per step).
+    """One batched rollout of DT: its state as tensors on the policy's device, and the pure per-step functions.
 
-    Host (numpy) side: targets, returns-to-go, the next group's input features and timesteps,
-    how many groups each context holds. Device side: the ring of token embeddings and key
-    validity, the KV cache, masks per ring position, and the weights bound for decoding.
+    ``decode_step`` and ``recompute_step`` map (normalised observations, this state) to unit-box actions
+    and update the state in place with tensor operations only: no host synchronisation, no numpy,
+    no branch on device values, so a runtime can capture them in a CUDA graph or export them. The
+    ring position and the contexts' lengths also live on the host (``host_write_group``,
+    ``host_context_steps``), advanced by the same rules, so that :meth:`decodes_next_step` chooses
+    between the two without reading the device.
+
+    Device state: the next group's input features (previous action features, then return-to-go /
+    scale), targets and returns-to-go (float64, as rewards are summed), timesteps ``[t - 1, t, t]``,
+    the ring of token embeddings with their key validity, the KV cache, and masks per ring position.
     """
 
     def __init__(self, policy: DecisionTransformer, num_envs: int, targets: np.ndarray):
@@ -435,47 +390,134 @@ class _Rollout:
         n = self.num_envs = num_envs
         groups = self.groups = config.attention_window or config.context_len  # ring of cached step groups
         slots = TOKENS_PER_STEP * groups
-        self.targets = targets
-        self.returns_to_go = targets.copy()
-        self.write_group = 0
-        self.context_steps = np.zeros(n, dtype=np.int64)  # groups in each context, at most `groups`
-        # Next group's host inputs, one row per env: [previous action features..., return-to-go / scale].
+        self.config, self.act_dim = config, policy.spec.act_dim
+        self.exact_full_context = not config.attention_window
+        self.use_kv_cache = policy.inference.use_kv_cache
+        self.backend = policy.inference.attention_backend
+        self.describes_masks = takes_mask_spec(self.backend)
+        self.transformer = policy.transformer
+        self.targets = torch.as_tensor(targets, dtype=torch.float64, device=device)
+        self.returns_to_go = self.targets.clone()
+        # Next group's inputs, one row per env: [previous action features..., return-to-go / scale].
         features = policy.action_features
-        self.host_input = np.zeros((n, features + 1), dtype=np.float32)
-        self.previous_feats = self.host_input[:, :features]
-        self.return_feature = self.host_input[:, features]
-        self.return_feature[:] = targets / config.rtg_scale
-        self.times = np.zeros((n, TOKENS_PER_STEP), dtype=np.int64)  # [t - 1, t, t] per env
-        self.clamped_times = np.zeros_like(self.times)
-        self.slot_pattern = np.ones((n, TOKENS_PER_STEP), dtype=bool)
-        self.host_input_t = torch.from_numpy(self.host_input)  # share memory with the numpy buffers
-        self.clamped_times_t = torch.from_numpy(self.clamped_times)
-        self.slot_pattern_t = torch.from_numpy(self.slot_pattern)
+        self.step_input = torch.zeros(n, features + 1, device=device)
+        self.previous_feats = self.step_input[:, :features]
+        self.return_feature = self.step_input[:, features]
+        self.return_feature.copy_(self.targets / config.rtg_scale)
+        self.times = torch.zeros(n, TOKENS_PER_STEP, dtype=torch.long, device=device)  # [t - 1, t, t] per env
+        self.context_steps = torch.zeros(n, dtype=torch.long, device=device)  # groups in each context, at most `groups`
+        self.write_group = torch.zeros((), dtype=torch.long, device=device)  # ring position of the next group
+        self.host_context_steps = np.zeros(n, dtype=np.int64)
+        self.host_write_group = 0
 
         self.tokens = torch.zeros(n, slots, dim, device=device)  # token embeddings, for recomputes
         self.key_valid = torch.zeros(n, slots, dtype=torch.bool, device=device)
-        self.token_views = [self.tokens[:, 3 * j : 3 * j + 3] for j in range(groups)]
-        self.valid_views = [self.key_valid[:, 3 * j : 3 * j + 3] for j in range(groups)]
         self.cache = policy.transformer.new_cache(n, slots, device)
+        self.group_offsets = torch.arange(TOKENS_PER_STEP, device=device)
         # Per ring position j: what the new group's tokens may see besides valid keys.
         slot = torch.arange(slots, device=device)
-        query = torch.arange(TOKENS_PER_STEP, device=device)[:, None]
-        self.decode_allowed, self.decode_self = [], []
-        for j in range(groups):
-            own = (slot // TOKENS_PER_STEP) == j
-            self.decode_allowed.append(~(own & (slot % TOKENS_PER_STEP > query)))  # no later token of the group
-            self.decode_self.append(own & (slot % TOKENS_PER_STEP == query))  # a masked token still sees itself
+        query = self.group_offsets[:, None]
+        own = (slot // TOKENS_PER_STEP)[None, :] == torch.arange(groups, device=device)[:, None, None]  # (groups, 1, slots)
+        self.decode_allowed = ~(own & (slot % TOKENS_PER_STEP > query))  # (groups, 3, slots): no later token of the group
+        self.decode_self = own & (slot % TOKENS_PER_STEP == query)  # a masked token still sees itself
         self.weights = policy.transformer.decode_weights()
         self.head = (policy.action_head.weight, policy.action_head.bias)
         self.action_mid = (policy.action_high + policy.action_low) / 2
         self.action_half = (policy.action_high - policy.action_low) / 2
         self.device = device
+        self._attention_mask = policy._attention_mask
         self._embedders = (policy.embed_action, policy.embed_return, policy.embed_state)
         self._time_table = policy.embed_timestep.weight
         self._norm = (policy.embed_norm.weight, policy.embed_norm.bias)
         self._fused_versions: tuple[int, ...] = ()
 
-    def embed_group(self, states: torch.Tensor) -> torch.Tensor:
+    # -- host-side bookkeeping (the wrapper's) ----------------------------------------------
+    def decodes_next_step(self) -> bool:
+        """Decode against the cache, unless an exact full-context model's context is about to slide."""
+        return not self.exact_full_context or (self.use_kv_cache and self.host_context_steps.max() < self.groups)
+
+    def clear_context(self, index: np.ndarray) -> None:
+        """Empty these environments' contexts (their cached keys become invalid)."""
+        self.host_context_steps[index] = 0
+        device_index = torch.as_tensor(index, device=self.device)
+        self.context_steps[device_index] = 0
+        self.key_valid[device_index] = False
+
+    def observe_reward(self, rewards: torch.Tensor) -> None:
+        self.returns_to_go -= rewards
+        self.return_feature.copy_(self.returns_to_go / self.config.rtg_scale)
+
+    def restart_trial(self, index: torch.Tensor) -> None:
+        """These environments start a new trial: their target again, their clock from 0."""
+        self.returns_to_go[index] = self.targets[index]
+        self.return_feature[index] = (self.targets[index] / self.config.rtg_scale).float()
+        self.times[index, 1:] = 0
+
+    # -- the pure per-step functions ----------------------------------------------------------
+    def decode_step(self, states: torch.Tensor) -> torch.Tensor:
+        """Append one group to every context and decode it against the cache; unit-box actions (N, act_dim)."""
+        j = self.write_group
+        slots = j * TOKENS_PER_STEP + self.group_offsets
+        group = self._append_group(states, slots)
+        if self.describes_masks:
+            start = j * TOKENS_PER_STEP
+            mask = MaskSpec(key_valid=self.key_valid, keep_diagonal=True, ring_start=start)
+            last_mask = MaskSpec(key_valid=self.key_valid, keep_diagonal=True, ring_start=start + TOKENS_PER_STEP - 1)
+        else:
+            at_j = j.view(1)
+            allowed, own = self.decode_allowed.index_select(0, at_j)[0], self.decode_self.index_select(0, at_j)[0]
+            mask = ((self.key_valid.unsqueeze(1) & allowed) | own).unsqueeze(1)
+            last_mask = self.key_valid.view(self.num_envs, 1, 1, -1)
+        hidden = self.transformer.decode(group, self.cache, slots, mask, last_mask, self.weights, self.backend)
+        self.write_group.copy_((j + 1) % self.groups)
+        self.host_write_group = (self.host_write_group + 1) % self.groups
+        return self._finish_step(hidden)
+
+    def recompute_step(self, states: torch.Tensor) -> torch.Tensor:
+        """Append one group, then run the whole window (oldest group first) and rebuild the cache from it."""
+        newest = self.write_group
+        self._append_group(states, newest * TOKENS_PER_STEP + self.group_offsets)
+        groups = self.groups
+        oldest = (newest + 1) % groups
+        # A full context drops its oldest step now: that step's group loses its previous-action token.
+        full = self.context_steps + 1 >= groups
+        action_slot = (TOKENS_PER_STEP * oldest + ACTION_SLOT).view(1)
+        self.key_valid.index_copy_(1, action_slot, self.key_valid.index_select(1, action_slot) & ~full[:, None])
+        order = (torch.arange(groups, device=self.device) + oldest) % groups
+        slots = (order[:, None] * TOKENS_PER_STEP + self.group_offsets).reshape(-1)
+        tokens = self.tokens[:, slots]
+        valid = self.key_valid[:, slots]
+        hidden = self.transformer(tokens, self._attention_mask(valid), query_index=slice(-1, None), cache=self.cache,
+                                  backend=self.backend)
+        # The ring now starts at the oldest group.
+        self.tokens.copy_(tokens)
+        self.key_valid.copy_(valid)
+        self.write_group.zero_()
+        self.host_write_group = 0
+        return self._finish_step(hidden[:, 0])
+
+    def _append_group(self, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The new group's tokens (N, 3, D), written with their key validity at ring ``slots``."""
+        group = self.embed_group(states, self.times.clamp_max(self.config.max_timestep - 1))
+        self.tokens.index_copy_(1, slots, group)
+        has_previous = self.context_steps > 0  # the first group of a context has no previous action
+        present = torch.ones_like(has_previous)
+        self.key_valid.index_copy_(1, slots, torch.stack((has_previous, present, present), dim=1))
+        return group
+
+    def _finish_step(self, hidden: torch.Tensor) -> torch.Tensor:
+        torch.clamp_max(self.context_steps + 1, self.groups, out=self.context_steps)
+        np.minimum(self.host_context_steps + 1, self.groups, out=self.host_context_steps)
+        unit_action = torch.tanh(F.linear(hidden, *self.head))
+        self.record_action(unit_action)
+        self.times[:, 0] = self.times[:, 1]
+        self.times[:, 1:] += 1
+        return unit_action
+
+    def record_action(self, unit_action: torch.Tensor) -> None:
+        self.previous_feats[:, : self.act_dim] = unit_action
+
+    def embed_group(self, states: torch.Tensor, clamped_times: torch.Tensor) -> torch.Tensor:
         """The new group's tokens (N, 3, D): the three input embeddings in one matmul."""
         params = [p for layer in self._embedders for p in (layer.weight, layer.bias)]
         versions = tuple(p._version for p in params)
@@ -484,9 +526,9 @@ class _Rollout:
             self._fused_weight = torch.block_diag(wa, wr, ws).t().contiguous()
             self._fused_bias = torch.cat((ba, br, bs))
             self._fused_versions = versions
-        inputs = torch.cat((self.host_input_t.to(self.device), states), dim=1)
+        inputs = torch.cat((self.step_input, states), dim=1)
         tokens = torch.addmm(self._fused_bias, inputs, self._fused_weight).view(self.num_envs, TOKENS_PER_STEP, -1)
-        times = F.embedding(self.clamped_times_t.to(self.device), self._time_table)
+        times = F.embedding(clamped_times, self._time_table)
         return F.layer_norm(tokens + times, (tokens.shape[-1],), *self._norm)
 
 

@@ -167,13 +167,14 @@ class GPT(nn.Module):
         self,
         x: torch.Tensor,
         cache: KVCache,
-        start: int,
+        slots: torch.Tensor,
         mask: torch.Tensor | MaskSpec,
         last_mask: torch.Tensor | MaskSpec,
         weights: list[tuple[torch.Tensor, ...]] | None = None,
         backend: str | None = None,
     ) -> torch.Tensor:
-        """Append ``x`` (N, G, D) at cache slots ``start .. start+G-1``; the last token's hidden state (N, D).
+        """Append ``x`` (N, G, D) at cache ``slots`` (a (G,) index tensor, so a ring position needs no
+        host value); the last token's hidden state (N, D).
 
         ``mask`` (N, 1, G, slots) bool says which slots each new token may attend to (the new
         tokens included); ``last_mask`` (N, 1, 1, slots) is the last token's row, the only
@@ -182,7 +183,6 @@ class GPT(nn.Module):
         """
         batch, new, dim = x.shape
         heads, head_dim = self.n_heads, self.head_dim
-        stop = start + new
         if weights is None:
             weights = self.decode_weights()
         last = len(weights) - 2
@@ -191,7 +191,7 @@ class GPT(nn.Module):
             ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = weights[index]
             qkv = F.linear(torch.layer_norm(x, (dim,), ln1_w, ln1_b), qkv_w, qkv_b).view(batch, new, 3 * dim)
             q, kv = qkv.split((dim, 2 * dim), dim=2)
-            cache.write_view(index, start, stop).copy_(kv)
+            cache.data[index].index_copy_(1, slots, kv.view(batch, new, 2, heads, head_dim))
             if index == last:  # only the last token feeds the head
                 q = q[:, -1:].view(batch, 1, heads, head_dim).transpose(1, 2)
                 out = attention(q, cache.keys[index], cache.values[index], mask=last_mask, backend=backend)

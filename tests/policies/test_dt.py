@@ -259,18 +259,20 @@ class PathCounter:
 
     def __init__(self, policy: DecisionTransformer, monkeypatch):
         self.decoded = self.recomputed = 0
-        decode, recompute = policy.transformer.decode, policy._recompute_window
+        from kinema.policies.dt import _Rollout
+
+        decode, recompute = policy.transformer.decode, _Rollout.recompute_step
 
         def counted_decode(*args, **kwargs):
             self.decoded += 1
             return decode(*args, **kwargs)
 
-        def counted_recompute(*args, **kwargs):
+        def counted_recompute(rollout, *args, **kwargs):
             self.recomputed += 1
-            return recompute(*args, **kwargs)
+            return recompute(rollout, *args, **kwargs)
 
         monkeypatch.setattr(policy.transformer, "decode", counted_decode)
-        monkeypatch.setattr(policy, "_recompute_window", counted_recompute)
+        monkeypatch.setattr(_Rollout, "recompute_step", counted_recompute)
 
 
 @pytest.mark.parametrize("name", ["dt", "at"])
