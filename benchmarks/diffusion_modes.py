@@ -4,18 +4,21 @@ sampled actions against BC's single action.
     python benchmarks/diffusion_modes.py                  # hopper-medium-expert, the diffusion study's seed-0 cells
     python benchmarks/diffusion_modes.py --diffusion <checkpoint> --bc <checkpoint> --dataset-path <file>
 
-States: ``--candidates`` observations drawn from the dataset (seeded), scored by how far apart the
-committed ``medium`` and ``expert`` behaviour policies' mean actions are there
-(``datasets/behaviour_policies/<task>``); the ``--states`` farthest apart are shown. Each gets the
-observation before it as the diffusion policy's history (an episode's first step repeats itself,
-as in training).
+States: the data must hold both modes there, not only the behaviour policies' opinions (at a state
+only the expert ever reached, the dataset has no medium action). ``--candidates`` transitions are
+drawn (seeded); each is labelled by which committed behaviour policy's mean action
+(``datasets/behaviour_policies/<task>``) its recorded action is nearer. A candidate is *contested*
+when its ``--neighbours`` nearest candidates (standardised observations) carry both labels, each at
+least a quarter; among contested candidates, the ``--states`` where the two policies' mean actions
+are farthest apart are shown. Each gets the observation before it as the diffusion policy's
+history (an episode's first step repeats itself, as in training).
 
 At each state: ``--samples`` actions of the diffusion policy (the executed entry of independently
-sampled chunks), BC's action, and the data's actions there: draws from the two behaviour policies'
-Gaussians, half each, as medium-expert mixes them. A sample belongs to the mode whose mean action
-is nearer. Reported per state and on average: the share of diffusion samples in each mode, the
-distance from each diffusion sample and from BC's action to the nearer mode (BC's mean-squared-error
-fit tends to land between modes), and whether the samples cover both modes (at least 10% in each).
+sampled chunks), BC's action, and the data: the recorded actions at its neighbouring states. A
+sample belongs to the mode whose mean action is nearer. Reported per state and on average: the
+share of diffusion samples in each mode, the share of the data's neighbours in each, the distance
+from each diffusion sample and from BC's action to the nearer mode (BC's mean-squared-error fit
+tends to land between modes), and whether the samples cover both modes (at least 10% in each).
 
 Writes ``<results>/diffusion_modes.json`` and ``diffusion_modes.png`` (one panel per state: the two
 action dimensions on which the behaviour policies differ most).
@@ -34,6 +37,7 @@ from kinema.benchmarks.bench_utils import RunRecord, require_positive, results_d
 
 NAME = "diffusion_modes"
 COVERED_SHARE = 0.1  # a mode holds at least this share of the samples to count as covered
+CONTESTED_SHARE = 0.25  # a state is contested when each behaviour policy made at least this share of its neighbours' actions
 
 
 def default_checkpoint(results: Path, dataset: str, policy: str) -> Path:
@@ -57,10 +61,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--states", type=int, default=6)
     parser.add_argument("--candidates", type=int, default=5000)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--neighbours", type=int, default=20, help="nearest candidate states that make a state's data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results/ in a checkout")
     args = parser.parse_args(argv)
-    require_positive(parser, args, ("states", "candidates", "samples"))
+    require_positive(parser, args, ("states", "candidates", "samples", "neighbours"))
     results = results_dir_or_error(parser, args.results_dir)
 
     from kinema.datasets import load_dataset
@@ -80,11 +85,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     modes = {level: load_committed_actor(task, snapshots[level]["snapshot"]) for level in ("medium", "expert")}
 
     rng = np.random.default_rng(args.seed)
-    candidates = rng.choice(dataset.num_transitions, size=min(args.candidates, dataset.num_transitions), replace=False)
+    candidates = np.sort(rng.choice(dataset.num_transitions, size=min(args.candidates, dataset.num_transitions), replace=False))
     observations = dataset.observations[candidates].astype(np.float64)
     mode_means = {level: np.clip(actor.mean_action(observations), actor.action_low, actor.action_high) for level, actor in modes.items()}
     disagreement = np.linalg.norm(mode_means["medium"] - mode_means["expert"], axis=1)
-    chosen = np.argsort(-disagreement)[: args.states]
+    recorded = dataset.actions[candidates].astype(np.float64)
+    is_expert = (np.linalg.norm(recorded - mode_means["expert"], axis=1) < np.linalg.norm(recorded - mode_means["medium"], axis=1))
+    neighbours = nearest_neighbours(observations, args.neighbours)
+    expert_share_nearby = is_expert[neighbours].mean(axis=1)
+    contested = (expert_share_nearby >= CONTESTED_SHARE) & (expert_share_nearby <= 1 - CONTESTED_SHARE)
+    if not contested.any():
+        parser.error(f"none of the {len(candidates)} candidate states has both behaviour policies' actions among its "
+                     f"{args.neighbours} nearest neighbours; raise --candidates")
+    chosen = np.flatnonzero(contested)[np.argsort(-disagreement[contested])][: args.states]
     steps = candidates[chosen]
 
     torch.manual_seed(args.seed)
@@ -103,11 +116,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         to_expert = np.linalg.norm(samples[index] - expert, axis=1)
         expert_share = float((to_expert < to_medium).mean())
         bc_nearest = float(min(np.linalg.norm(bc_actions[index] - medium), np.linalg.norm(bc_actions[index] - expert)))
-        data_actions = np.concatenate([
-            modes[level].act(np.repeat(observations[chosen[index]][None], args.samples // 2, axis=0), rng)
-            for level in ("medium", "expert")])
+        data_actions = recorded[neighbours[chosen[index]]]
         states.append({
             "step": step, "mode_distance": round(float(disagreement[chosen[index]]), 4),
+            "data_share_expert": round(float(expert_share_nearby[chosen[index]]), 3),
             "diffusion_share_expert": round(expert_share, 3), "diffusion_share_medium": round(1 - expert_share, 3),
             "covers_both_modes": bool(COVERED_SHARE <= expert_share <= 1 - COVERED_SHARE),
             "diffusion_distance_to_nearer_mode": round(float(np.minimum(to_medium, to_expert).mean()), 4),
@@ -117,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     summary = {
         "states": len(states),
+        "contested_candidates": int(contested.sum()),
         "covering_both_modes": sum(s["covers_both_modes"] for s in states),
         "diffusion_distance_to_nearer_mode": round(float(np.mean([s["diffusion_distance_to_nearer_mode"] for s in states])), 4),
         "bc_distance_to_nearer_mode": round(float(np.mean([s["bc_distance_to_nearer_mode"] for s in states])), 4),
@@ -130,12 +143,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return record.finish(
         {"config": {"dataset": args.dataset, "dataset_path": str(args.dataset_path) if args.dataset_path else None,
                     "diffusion_checkpoint": str(diffusion_dir), "bc_checkpoint": str(bc_dir), "states": args.states,
-                    "candidates": args.candidates, "samples": args.samples, "seed": args.seed,
+                    "candidates": args.candidates, "neighbours": args.neighbours, "samples": args.samples, "seed": args.seed,
                     "behaviour_policies": {level: snapshots[level]["snapshot"] for level in modes},
                     "diffusion_inference": dict(vars(diffusion.inference))},
          "summary": summary, "per_state": states, "plot": plot_path.name},
         results / f"{NAME}.json",
     )
+
+
+def nearest_neighbours(observations: np.ndarray, count: int) -> np.ndarray:
+    """(n, count) indices of each row's nearest other rows, in observations standardised per dimension."""
+    standardised = (observations - observations.mean(0)) / (observations.std(0) + 1e-8)
+    squared = (standardised ** 2).sum(1)
+    distances = squared[:, None] + squared[None, :] - 2.0 * standardised @ standardised.T
+    np.fill_diagonal(distances, np.inf)
+    return np.argsort(distances, axis=1)[:, :count]
 
 
 def plot(panels: list[tuple[np.ndarray, ...]], states: list[dict[str, Any]], path: Path, dataset: str) -> None:
@@ -149,18 +171,19 @@ def plot(panels: list[tuple[np.ndarray, ...]], states: list[dict[str, Any]], pat
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.9 * rows), squeeze=False)
     for axis, (medium, expert, samples, bc_action, data), state in zip(axes.flat, panels, states):
         dims = np.argsort(-np.abs(medium - expert))[:2] if len(medium) > 1 else np.array([0, 0])
-        axis.scatter(data[:, dims[0]], data[:, dims[1]], s=6, c="0.75", label="data (behaviour policies)")
+        axis.scatter(data[:, dims[0]], data[:, dims[1]], s=10, c="0.6", label="data: actions at nearby states")
         axis.scatter(samples[:, dims[0]], samples[:, dims[1]], s=8, c="tab:blue", alpha=0.6, label="diffusion samples")
         axis.scatter(*medium[dims], marker="o", s=90, facecolors="none", edgecolors="tab:green", linewidths=2, label="medium mean")
         axis.scatter(*expert[dims], marker="*", s=140, c="tab:purple", label="expert mean")
         axis.scatter(*bc_action[dims], marker="X", s=110, c="tab:red", label="BC")
         axis.set_xlabel(f"action {dims[0]}")
         axis.set_ylabel(f"action {dims[1]}")
-        axis.set_title(f"step {state['step']}: {state['diffusion_share_expert']:.0%} of samples nearer expert", fontsize=9)
+        axis.set_title(f"step {state['step']}: nearer expert: {state['diffusion_share_expert']:.0%} of samples, "
+                       f"{state['data_share_expert']:.0%} of data", fontsize=9)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     axes.flat[0].legend(fontsize=7, loc="best")
-    figure.suptitle(f"{dataset}: where the medium and expert behaviour policies disagree most")
+    figure.suptitle(f"{dataset}: states where the data holds both behaviour policies' actions and they disagree most")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

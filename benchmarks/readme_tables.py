@@ -335,11 +335,14 @@ def diffusion_inference_section(data: dict[str, Any]) -> str:
 
 def diffusion_modes_section(data: dict[str, Any]) -> str:
     summary = data["summary"]
-    text = (f"**Multi-modality, shown** (`benchmarks/results/{data['plot']}`): at the {summary['states']} states of "
-            f"{data['config'].get('dataset')} where the medium and expert behaviour policies disagree most, the diffusion "
-            f"policy's sampled actions cover both modes at {summary['covering_both_modes']} (at least 10% in each); mean "
-            f"distance to the nearer mode: diffusion samples {_fmt(summary['diffusion_distance_to_nearer_mode'], 3)}, "
-            f"BC's single action {_fmt(summary['bc_distance_to_nearer_mode'], 3)}.")
+    text = (f"**Multi-modality, shown** (`benchmarks/results/{data['plot']}`): {data['config'].get('dataset')}'s "
+            f"{summary['states']} states where the data holds both behaviour policies' actions (each at least a quarter of "
+            f"the recorded actions at the {data['config'].get('neighbours')} nearest states; "
+            f"{summary.get('contested_candidates')} of {data['config'].get('candidates')} candidates qualify) and the two "
+            f"policies disagree most. The diffusion policy's samples cover both modes at {summary['covering_both_modes']} of "
+            f"them (at least 10% in each). Mean distance to the nearer mode: diffusion samples "
+            f"{_fmt(summary['diffusion_distance_to_nearer_mode'], 3)}, BC's single action "
+            f"{_fmt(summary['bc_distance_to_nearer_mode'], 3)}.")
     return "\n\n".join([text, f"![diffusion modes](benchmarks/results/{data['plot']})", _provenance(data, "diffusion_modes.json")])
 
 
