@@ -19,7 +19,6 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from kinema.benchmarks.bench_utils import RunRecord, output_or_error, print_table, require_positive

@@ -167,6 +167,9 @@ class _TrialsRollout(_Rollout):
         self.previous_feats[:, self.act_dim] = rewards / self.config.reward_scale
         self.previous_feats[:, self.act_dim + 1] = self.completed
 
+    def buffers(self) -> list[Any]:
+        return [*super().buffers(), self.trial_returns, self.completed]
+
     def restart_trial(self, index: torch.Tensor) -> None:
         super().restart_trial(index)
         self.trial_returns[index] = 0.0

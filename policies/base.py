@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -347,6 +347,28 @@ class Policy(nn.Module):
                 "observation only declares stateless = True"
             )
 
+    # -- the per-step computation as pure tensor functions (the inference runtime's) -----------
+    def step_functions(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """This rollout's per-step computation: raw observations (N, obs_dim) on the policy's device ->
+        actions (N, act_dim), updating the rollout's state in place with tensor operations only (no host
+        synchronisation, numpy or branch on device values), so a runtime can capture it in a CUDA graph.
+        Valid from ``reset`` to the next ``reset``. Several when the family switches paths on host-side
+        counts (DT: decode or recompute): :meth:`next_step_function` names the one to run, and
+        :meth:`count_step` records a step taken outside ``act``. Empty: served through ``act`` only.
+        """
+        return {}
+
+    def next_step_function(self) -> str:
+        return next(iter(self.step_functions()))
+
+    def count_step(self) -> None:
+        """Host-side bookkeeping of a step a runtime took through :meth:`step_functions`."""
+
+    def rollout_buffers(self) -> list[Any]:
+        """The rollout's mutable state (tensors and host arrays), so a runtime can snapshot and restore
+        it around warm-up and capture without reallocating it."""
+        return []
+
     def seed_episodes(self, env_indices: Any, seeds: Any) -> None:
         """Episodes seeded ``seeds`` start in environment slots ``env_indices`` (after ``reset``
         or ``end_episode``). A stochastic policy draws each environment's noise from its own
@@ -370,6 +392,33 @@ class Policy(nn.Module):
         ]
         return torch.stack(rows).to(self.device)
 
+
+
+class StatelessPolicy(Policy):
+    """A policy whose action depends on the current observation only (BC, BoT, a PPO actor): it keeps no
+    context, and its per-step computation is one pure function, :meth:`step`."""
+
+    stateless = True
+    _num_envs = 0
+
+    def step(self, observations: torch.Tensor) -> torch.Tensor:
+        """Actions (N, act_dim) in the task's units for raw observations (N, obs_dim) on the policy's device."""
+        raise NotImplementedError
+
+    def reset(self, num_envs: int, **conditioning: Any) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs <= 0:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        self._num_envs = num_envs
+
+    @torch.no_grad()
+    def act(self, observation: Any) -> torch.Tensor:
+        obs = self.as_observation_tensor(observation)
+        if self._num_envs and obs.shape[0] != self._num_envs:
+            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={self._num_envs})")
+        return self.step(obs)
+
+    def step_functions(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        return {"step": self.step}
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: where bf16 autocast speeds training up; without either it is far slower than fp32."""

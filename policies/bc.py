@@ -7,13 +7,12 @@ action ranges train alike. Stateless at rollout: reset() only checks the batch s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe
+from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, PolicySpec, Recipe, StatelessPolicy
 
 
 @dataclass
@@ -33,11 +32,10 @@ class BCConfig:
 
 
 @register_policy
-class BCPolicy(Policy):
+class BCPolicy(StatelessPolicy):
     name = "bc"
     label = "BC"
     config_class = BCConfig
-    stateless = True
 
     def __init__(self, config: BCConfig, spec: PolicySpec, stats: NormStats):
         super().__init__(config, spec, stats)
@@ -50,7 +48,6 @@ class BCPolicy(Policy):
             width = hidden
         layers += [nn.Linear(width, spec.act_dim), nn.Tanh()]
         self.net = nn.Sequential(*layers)
-        self._num_envs = 0
 
     @property
     def batch_spec(self) -> BatchSpec:
@@ -66,14 +63,5 @@ class BCPolicy(Policy):
         loss = torch.mean((predicted - target) ** 2)
         return loss, {"action_mse": loss.item()}
 
-    def reset(self, num_envs: int, **conditioning: Any) -> None:
-        if num_envs <= 0:
-            raise ValueError(f"num_envs must be positive, got {num_envs}")
-        self._num_envs = num_envs
-
-    @torch.no_grad()
-    def act(self, observation: Any) -> torch.Tensor:
-        obs = self.as_observation_tensor(observation)
-        if self._num_envs and obs.shape[0] != self._num_envs:
-            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={self._num_envs})")
-        return self.scale_action(self(obs))
+    def step(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.scale_action(self(observations))

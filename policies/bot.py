@@ -34,7 +34,9 @@ from torch import nn
 
 from kinema.policies import register_policy
 from kinema.policies.attention import MaskSpec, takes_mask_spec
-from kinema.policies.base import AttentionInference, BatchSpec, NormStats, Policy, PolicySpec, Recipe, require_positive_int
+from kinema.policies.base import (
+    AttentionInference, BatchSpec, NormStats, PolicySpec, Recipe, StatelessPolicy, require_positive_int,
+)
 from kinema.policies.transformer import Block, init_gpt_weights
 
 VARIANTS = ("hard", "mix", "vanilla")
@@ -179,11 +181,10 @@ def body_graph_from_spec(spec: PolicySpec) -> Any:
 
 
 @register_policy
-class BoTPolicy(Policy):
+class BoTPolicy(StatelessPolicy):
     name = "bot"
     label = "BoT"
     config_class = BoTConfig
-    stateless = True
     required_structure = ("body_graph",)
 
     def __init__(self, config: BoTConfig, spec: PolicySpec, stats: NormStats):
@@ -191,7 +192,6 @@ class BoTPolicy(Policy):
         graph = body_graph_from_spec(spec)
         self.encoder = BodyTransformerEncoder(graph, config)
         self.detokenizer = NodeDetokenizer(graph, config.embed_dim)
-        self._num_envs = 0
 
     @property
     def batch_spec(self) -> BatchSpec:
@@ -212,14 +212,5 @@ class BoTPolicy(Policy):
         loss = torch.mean((predicted - target) ** 2)
         return loss, {"action_mse": loss.item()}
 
-    def reset(self, num_envs: int, **conditioning: Any) -> None:
-        if num_envs <= 0:
-            raise ValueError(f"num_envs must be positive, got {num_envs}")
-        self._num_envs = num_envs
-
-    @torch.no_grad()
-    def act(self, observation: Any) -> torch.Tensor:
-        obs = self.as_observation_tensor(observation)
-        if self._num_envs and obs.shape[0] != self._num_envs:
-            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={self._num_envs})")
-        return self.scale_action(self(obs))
+    def step(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.scale_action(self(observations))

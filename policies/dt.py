@@ -337,9 +337,7 @@ class DecisionTransformer(Policy):
         or, once an exact full-context model's context slides, ``recompute_step`` (the whole window).
         Which one runs follows from host-side counts only, so choosing never reads the device.
         """
-        state = self.__dict__.get("_rollout")
-        if state is None:
-            raise RuntimeError(f"{self.name}.act called before reset(num_envs)")
+        state = self._rollout_or_error("act")
         obs = self.as_observation_tensor(observation)
         if obs.shape[0] != state.num_envs:
             raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={state.num_envs})")
@@ -347,7 +345,34 @@ class DecisionTransformer(Policy):
             unit_action = state.decode_step(self.normalize_obs(obs))
         else:
             unit_action = state.recompute_step(self.normalize_obs(obs))
+        state.count_step()
+        return self._unit_to_action(unit_action)
+
+    def step_functions(self) -> dict[str, Any]:
+        state = self._rollout_or_error("step_functions")
+        functions = {"decode": lambda observations: self._unit_to_action(state.decode_step(self.normalize_obs(observations)))}
+        if state.exact_full_context:
+            functions["recompute"] = lambda observations: self._unit_to_action(state.recompute_step(self.normalize_obs(observations)))
+        return functions
+
+    def next_step_function(self) -> str:
+        return "decode" if self._rollout_or_error("next_step_function").decodes_next_step() else "recompute"
+
+    def count_step(self) -> None:
+        self._rollout_or_error("count_step").count_step()
+
+    def rollout_buffers(self) -> list[Any]:
+        return self._rollout_or_error("rollout_buffers").buffers()
+
+    def _unit_to_action(self, unit_action: torch.Tensor) -> torch.Tensor:
+        state = self._rollout
         return torch.addcmul(state.action_mid, unit_action, state.action_half)
+
+    def _rollout_or_error(self, what: str) -> "_Rollout":
+        state = self.__dict__.get("_rollout")
+        if state is None:
+            raise RuntimeError(f"{self.name}.{what} called before reset(num_envs)")
+        return state
 
     def _check_per_env(self, values: Any, what: str) -> np.ndarray:
         n = self._num_envs
@@ -376,9 +401,8 @@ class _Rollout:
     ``decode_step`` and ``recompute_step`` map (normalised observations, this state) to unit-box actions
     and update the state in place with tensor operations only: no host synchronisation, no numpy,
     no branch on device values, so a runtime can capture them in a CUDA graph or export them. The
-    ring position and the contexts' lengths also live on the host (``host_write_group``,
-    ``host_context_steps``), advanced by the same rules, so that :meth:`decodes_next_step` chooses
-    between the two without reading the device.
+    contexts' lengths also live on the host (``host_context_steps``, advanced by :meth:`count_step`),
+    so that :meth:`decodes_next_step` chooses between the two without reading the device.
 
     Device state: the next group's input features (previous action features, then return-to-go /
     scale), targets and returns-to-go (float64, as rewards are summed), timesteps ``[t - 1, t, t]``,
@@ -407,8 +431,7 @@ class _Rollout:
         self.times = torch.zeros(n, TOKENS_PER_STEP, dtype=torch.long, device=device)  # [t - 1, t, t] per env
         self.context_steps = torch.zeros(n, dtype=torch.long, device=device)  # groups in each context, at most `groups`
         self.write_group = torch.zeros((), dtype=torch.long, device=device)  # ring position of the next group
-        self.host_context_steps = np.zeros(n, dtype=np.int64)
-        self.host_write_group = 0
+        self.host_context_steps = np.zeros(n, dtype=np.int64)  # the same counts, host-side (see decodes_next_step)
 
         self.tokens = torch.zeros(n, slots, dim, device=device)  # token embeddings, for recomputes
         self.key_valid = torch.zeros(n, slots, dtype=torch.bool, device=device)
@@ -435,6 +458,15 @@ class _Rollout:
     def decodes_next_step(self) -> bool:
         """Decode against the cache, unless an exact full-context model's context is about to slide."""
         return not self.exact_full_context or (self.use_kv_cache and self.host_context_steps.max() < self.groups)
+
+    def buffers(self) -> list[Any]:
+        """Everything a step or an episode end changes (see ``Policy.rollout_buffers``)."""
+        return [self.step_input, self.returns_to_go, self.times, self.context_steps, self.write_group, self.tokens,
+                self.key_valid, self.cache.data, self.host_context_steps]
+
+    def count_step(self) -> None:
+        """The host-side count of a step just taken (a replayed CUDA graph runs no Python: the caller counts)."""
+        np.minimum(self.host_context_steps + 1, self.groups, out=self.host_context_steps)
 
     def clear_context(self, index: np.ndarray) -> None:
         """Empty these environments' contexts (their cached keys become invalid)."""
@@ -470,7 +502,6 @@ class _Rollout:
             last_mask = self.key_valid.view(self.num_envs, 1, 1, -1)
         hidden = self.transformer.decode(group, self.cache, slots, mask, last_mask, self.weights, self.backend)
         self.write_group.copy_((j + 1) % self.groups)
-        self.host_write_group = (self.host_write_group + 1) % self.groups
         return self._finish_step(hidden)
 
     def recompute_step(self, states: torch.Tensor) -> torch.Tensor:
@@ -493,7 +524,6 @@ class _Rollout:
         self.tokens.copy_(tokens)
         self.key_valid.copy_(valid)
         self.write_group.zero_()
-        self.host_write_group = 0
         return self._finish_step(hidden[:, 0])
 
     def _append_group(self, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -507,7 +537,6 @@ class _Rollout:
 
     def _finish_step(self, hidden: torch.Tensor) -> torch.Tensor:
         torch.clamp_max(self.context_steps + 1, self.groups, out=self.context_steps)
-        np.minimum(self.host_context_steps + 1, self.groups, out=self.host_context_steps)
         unit_action = torch.tanh(F.linear(hidden, *self.head))
         self.record_action(unit_action)
         self.times[:, 0] = self.times[:, 1]

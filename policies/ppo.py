@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kinema.policies import register_policy
-from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, Policy, PolicySpec, Recipe
+from kinema.policies.base import BatchSpec, InferenceOptions, NormStats, PolicySpec, Recipe, StatelessPolicy
 from kinema.policies.bot import BodyTransformerEncoder, BoTNetwork, NodeDetokenizer, body_graph_from_spec
 
 NETWORKS = ("bot", "mlp")  # also kinema-rl's choices
@@ -79,11 +79,10 @@ class BoTMean(nn.Module):
 
 
 @register_policy
-class PPOActorPolicy(Policy):
+class PPOActorPolicy(StatelessPolicy):
     name = "ppo"
     label = "PPO actor"
     config_class = PPOActorConfig
-    stateless = True
     trains_offline = False
     offline_hint = "train one online with kinema-rl env=<task> network=mlp|bot"
 
@@ -93,7 +92,6 @@ class PPOActorPolicy(Policy):
             self.mean = BoTMean(body_graph_from_spec(spec), config.bot)
         else:
             self.mean = MlpMean(spec.obs_dim, spec.act_dim, config.hidden_dims)
-        self._num_envs = 0
 
     @property
     def batch_spec(self) -> BatchSpec:
@@ -107,14 +105,5 @@ class PPOActorPolicy(Policy):
         normalized = self.normalize_obs(observations).clamp(-self.config.obs_clip, self.config.obs_clip)
         return self.mean(normalized)
 
-    def reset(self, num_envs: int, **conditioning: Any) -> None:
-        if num_envs <= 0:
-            raise ValueError(f"num_envs must be positive, got {num_envs}")
-        self._num_envs = num_envs
-
-    @torch.no_grad()
-    def act(self, observation: Any) -> torch.Tensor:
-        obs = self.as_observation_tensor(observation)
-        if self._num_envs and obs.shape[0] != self._num_envs:
-            raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={self._num_envs})")
-        return torch.maximum(torch.minimum(self(obs), self.action_high), self.action_low)
+    def step(self, observations: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(self(observations), self.action_high), self.action_low)

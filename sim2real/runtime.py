@@ -1,0 +1,161 @@
+"""The inference runtime: a checkpoint loaded for serving at a fixed batch size, warmed up, acting step by step.
+
+:class:`PolicyRuntime` loads a checkpoint (EMA weights where saved), starts ``batch_size`` rollouts
+and preallocates the observation buffer. On a CUDA device it captures each of the policy's pure
+per-step functions (``Policy.step_functions``: DT's decode and, for exact full-context models,
+recompute; BC's, BoT's and PPO's forward) in a CUDA graph with static input, output and state
+buffers, and replays them; nothing is captured again after warm-up, and an input of another shape is
+refused rather than silently re-captured. On a CPU it calls the same step functions eagerly; a family
+without them (the diffusion policy: its chunk queue lives on the host) is served through ``act``.
+
+Warm-up and capture run the steps on zero observations; the rollout's state is snapshotted before
+and restored after (``Policy.rollout_buffers``), in place, so the first served action is exactly what
+a freshly reset policy would return. Single environments restart through ``end_episode`` without
+touching the graphs.
+
+Observations are checked before they reach the policy: the wrong shape, or a non-finite value, is
+refused naming the environment and the index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+WARMUP_STEPS = 3
+
+
+class PolicyRuntime:
+    def __init__(self, checkpoint: str | Path, batch_size: int = 1, device: str | torch.device = "cpu",
+                 attention_backend: str | None = None, cuda_graphs: bool | None = None,
+                 target_return: float | None = None, warmup_steps: int = WARMUP_STEPS):
+        from kinema.train.checkpoint import load_checkpoint
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.device = torch.device(device)
+        self.loaded = load_checkpoint(checkpoint, device=self.device, use_ema=True)
+        self.policy = self.loaded.policy.eval()
+        if attention_backend is not None:
+            self.policy.configure_inference(attention_backend=attention_backend)
+        self.batch_size = batch_size
+        self.obs_dim, self.act_dim = self.policy.spec.obs_dim, self.policy.spec.act_dim
+        self.conditioning = self._conditioning(target_return)
+        self.policy.reset(batch_size, **self.conditioning)
+        functions = self.policy.step_functions()
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and bool(functions)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {self.device}")
+        if cuda_graphs and not functions:
+            raise ValueError(f"the {self.policy.name!r} policy has no pure step functions to capture; serve it with cuda_graphs=False")
+        self.observations = torch.zeros(batch_size, self.obs_dim, device=self.device)
+        self.functions = functions
+        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        with torch.no_grad():
+            if cuda_graphs:
+                self._capture(functions, warmup_steps)
+            elif functions:
+                snapshot = self._snapshot()
+                for name, function in functions.items():
+                    for _ in range(warmup_steps):
+                        function(self.observations)
+                self._restore(snapshot)
+            else:
+                self._warm_up(warmup_steps)
+
+    @property
+    def path(self) -> str:
+        """``cuda_graph`` (replayed graphs), ``step_functions`` (the pure steps, eagerly) or ``act`` (the policy's act)."""
+        return "cuda_graph" if self.graphs else "step_functions" if self.functions else "act"
+
+    def _conditioning(self, target_return: float | None) -> dict[str, Any]:
+        if "target_return" not in self.policy.conditioning:
+            if target_return is not None:
+                raise ValueError(f"the {self.policy.name!r} policy takes no target return; leave target_return unset")
+            return {}
+        if target_return is None:
+            recorded = (self.loaded.config.get("eval") or {}).get("target_return")
+            target_return = getattr(self.policy.inference, "target_return", None) or recorded
+        try:
+            value = float(target_return)
+        except (TypeError, ValueError):
+            raise ValueError(f"the {self.policy.name!r} policy needs a target return: pass target_return=<number> "
+                             f"(the checkpoint records {target_return!r})") from None
+        if not np.isfinite(value):
+            raise ValueError(f"target_return must be finite, got {target_return!r}")
+        return {"target_return": value}
+
+    def _snapshot(self) -> list[Any]:
+        return [buffer.clone() if isinstance(buffer, torch.Tensor) else buffer.copy() for buffer in self.policy.rollout_buffers()]
+
+    def _restore(self, snapshot: list[Any]) -> None:
+        for buffer, saved in zip(self.policy.rollout_buffers(), snapshot):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(saved)
+            else:
+                np.copyto(buffer, saved)
+
+    def _warm_up(self, steps: int) -> None:
+        zeros = np.zeros((self.batch_size, self.obs_dim), dtype=np.float32)
+        for _ in range(steps):
+            self.policy.act(zeros)
+        self.policy.reset(self.batch_size, **self.conditioning)  # eager: a fresh rollout is free
+
+    def _capture(self, functions: dict[str, Any], steps: int) -> None:
+        snapshot = self._snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
+            for function in functions.values():
+                for _ in range(max(steps, 1)):
+                    function(self.observations)
+        torch.cuda.current_stream().wait_stream(side)
+        for name, function in functions.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = function(self.observations)
+            self.graphs[name] = (graph, output)
+        self._restore(snapshot)
+        torch.cuda.synchronize()
+
+    def check_observations(self, observations: Any) -> np.ndarray:
+        array = np.asarray(observations, dtype=np.float32)
+        if array.shape != (self.batch_size, self.obs_dim):
+            raise ValueError(f"observations must have shape ({self.batch_size}, {self.obs_dim}) (batch_size, obs_dim), "
+                             f"got {array.shape}")
+        bad = np.argwhere(~np.isfinite(array))
+        if len(bad):
+            env, index = bad[0].tolist()
+            raise ValueError(f"observation of environment {env} has a non-finite value at index {index} "
+                             f"({array[env, index]}); {len(bad)} non-finite value(s) in all; refused")
+        return array
+
+    @torch.no_grad()
+    def act(self, observations: Any) -> np.ndarray:
+        """Actions (batch_size, act_dim) for observations (batch_size, obs_dim)."""
+        array = self.check_observations(observations)
+        if not self.functions:
+            return np.asarray(self.policy.act(array).cpu())
+        self.observations.copy_(torch.from_numpy(array))
+        name = self.policy.next_step_function()
+        if self.graphs:
+            graph, output = self.graphs[name]
+            graph.replay()
+        else:
+            output = self.functions[name](self.observations)
+        self.policy.count_step()
+        return output.cpu().numpy()
+
+    def observe_reward(self, rewards: Any) -> None:
+        self.policy.observe_reward(rewards)
+
+    def end_episode(self, env_indices: Any) -> None:
+        """These environments start a new episode (or trial); the others and the graphs are untouched."""
+        self.policy.end_episode(env_indices)
+
+    def seed_episodes(self, env_indices: Any, seeds: Any) -> None:
+        self.policy.seed_episodes(env_indices, seeds)

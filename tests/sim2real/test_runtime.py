@@ -1,0 +1,78 @@
+"""The inference runtime serves every family exactly as the policy's own act() does, and refuses bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kinema.sim2real.runtime import PolicyRuntime
+from kinema.train.checkpoint import load_checkpoint
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+FAMILIES = ["bc", "bot", "dt", "dt_full", "at", "diffusion"]
+TARGET = 40.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def drive(actor, steps: int, num_envs: int, seed: int = 0) -> np.ndarray:
+    """The same calls a control loop makes: seeded episodes, actions, rewards, and one environment restarting."""
+    rng = np.random.default_rng(seed)
+    actor.seed_episodes(np.arange(num_envs), np.arange(num_envs) + 100)
+    actions = []
+    for step in range(steps):
+        actions.append(np.asarray(actor.act(rng.normal(size=(num_envs, 5)).astype(np.float32))))
+        actor.observe_reward(rng.uniform(-1.0, 2.0, size=num_envs))
+        if step in (6, 13):
+            actor.end_episode([step % num_envs])
+            actor.seed_episodes([step % num_envs], [1000 + step])
+    return np.stack(actions)
+
+
+def reference(name: str, num_envs: int, steps: int) -> np.ndarray:
+    policy = load_checkpoint(GOLDEN / name).policy.eval()
+    conditioning = {"target_return": TARGET} if "target_return" in policy.conditioning else {}
+    policy.reset(num_envs, **conditioning)
+    return drive(policy, steps, num_envs)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_runtime_acts_exactly_as_a_freshly_reset_policy(name: str) -> None:
+    """Warm-up leaves no trace: step by step, through episode ends, the same actions."""
+    runtime = PolicyRuntime(GOLDEN / name, batch_size=3, target_return=TARGET if name in ("dt", "dt_full", "at") else None)
+    assert runtime.path == ("act" if name == "diffusion" else "step_functions")
+    np.testing.assert_array_equal(drive(runtime, 20, 3), reference(name, 3, 20))
+
+
+def test_bad_observations_and_settings_are_refused_naming_what_is_wrong() -> None:
+    runtime = PolicyRuntime(GOLDEN / "bc", batch_size=2)
+    observations = np.zeros((2, 5), dtype=np.float32)
+    observations[1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"environment 1 has a non-finite value at index 3"):
+        runtime.act(observations)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
+        runtime.act(np.zeros((1, 5)))
+    with pytest.raises(ValueError, match="takes no target return"):
+        PolicyRuntime(GOLDEN / "bc", target_return=10.0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        PolicyRuntime(GOLDEN / "bc", batch_size=0)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        PolicyRuntime(GOLDEN / "bc", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("name", ["bc", "bot", "dt", "dt_full", "at"])
+def test_cuda_graph_replay_matches_eager_act_through_episode_ends(name: str) -> None:
+    kwargs = {"batch_size": 3, "device": "cuda", "target_return": TARGET if name in ("dt", "dt_full", "at") else None}
+    graphed, eager = PolicyRuntime(GOLDEN / name, **kwargs), PolicyRuntime(GOLDEN / name, cuda_graphs=False, **kwargs)
+    assert graphed.path == "cuda_graph" and eager.path == "step_functions"
+    np.testing.assert_allclose(drive(graphed, 20, 3), drive(eager, 20, 3), atol=1e-5)
