@@ -168,6 +168,21 @@ class BodyGraphConfig:
     body_graph: Optional[str] = None  # an explicit layout (bodygraph.json) to check against env and draw
 
 
+# -- kinema-bench --------------------------------------------------------------------------------
+
+@dataclass
+class BenchConfig:
+    checkpoint: Optional[str] = None  # checkpoint directory (or a run directory holding checkpoint/)
+    batch: int = 1  # environments served together
+    threads: int = 1  # torch (and ONNX Runtime) intra-op threads
+    steps: int = 300  # timed actions per path
+    warmup: int = 20  # untimed actions per path first
+    cold_start_runs: int = 3  # fresh processes per path timed from start to first action (0: skip)
+    backend: Optional[str] = None  # attention backend (sdpa, math, flex, triton); null: the policy's
+    device: str = "cpu"
+    target_return: Optional[float] = None  # for families conditioned on one; null: the checkpoint's evaluation target
+
+
 # -- kinema-rl -----------------------------------------------------------------------------------
 
 def _bot_network() -> Any:
