@@ -2,8 +2,9 @@
 
     kinema-bench checkpoint=<dir> [batch=1] [threads=1] [backend=<attention backend>] [device=cpu|cuda]
 
-Paths: ``act`` (the policy's own ``act``, what ``kinema-eval`` runs), ``runtime``
-(:class:`kinema.sim2real.runtime.PolicyRuntime`: the pure step functions, eagerly), ``cuda_graph``
+Paths (``paths=[...]`` picks some): ``act`` (the policy's own ``act``, what ``kinema-eval`` runs),
+``runtime`` (:class:`kinema.sim2real.runtime.PolicyRuntime`: the pure step functions, eagerly),
+``compiled`` (the same through ``torch.compile``; its cold start includes compiling), ``cuda_graph``
 (the runtime replaying CUDA graphs; with ``device=cuda``) and ``onnxruntime`` (the exported step,
 served by ONNX Runtime; stateless families with the ``onnx`` extra). For each: per-action latency
 (p50, p99, max, in ms) over ``steps`` actions after ``warmup``, from handing over the observations to
@@ -33,7 +34,7 @@ from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, refuse_run_dir_that
 from kinema.train.config import BenchConfig
 
 BENCH_CONFIG_DIR = str(Path(CONFIG_DIR) / "bench")
-PATHS = ("act", "runtime", "cuda_graph", "onnxruntime")
+PATHS = ("act", "runtime", "compiled", "cuda_graph", "onnxruntime")
 
 
 def make_actor(path: str, settings: dict[str, Any], onnx_file: Path | None = None) -> tuple[Any, int]:
@@ -50,7 +51,7 @@ def make_actor(path: str, settings: dict[str, Any], onnx_file: Path | None = Non
 
     runtime = PolicyRuntime(settings["checkpoint"], batch_size=int(settings["batch"]), device=settings["device"],
                             attention_backend=settings["backend"], cuda_graphs=path == "cuda_graph",
-                            target_return=settings["target_return"])
+                            target_return=settings["target_return"], compile=path == "compiled")
     if path == "act":  # the policy's own act, freshly reset
         policy = runtime.policy
         policy.reset(runtime.batch_size, **runtime.conditioning)
@@ -120,14 +121,20 @@ def available_paths(settings: dict[str, Any]) -> dict[str, str | None]:
     has_steps = type(policy).step_functions is not Policy.step_functions
     cuda = str(settings["device"]).startswith("cuda")
     onnx_missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
-    return {
+    wanted = set(settings["paths"] or PATHS)
+    unknown = sorted(wanted - set(PATHS))
+    if unknown:
+        raise ValueError(f"paths: unknown {unknown}; choose from {list(PATHS)}")
+    available = {
         "act": None,
         "runtime": None,
+        "compiled": None if has_steps else f"the {policy.name!r} policy has no pure step functions",
         "cuda_graph": ("needs device=cuda" if not cuda
                        else None if has_steps else f"the {policy.name!r} policy has no pure step functions"),
         "onnxruntime": (f"not installed: {', '.join(onnx_missing)} (pip install \".[onnx]\")" if onnx_missing
                         else None if policy.stateless else f"ONNX export of the {policy.name!r} policy is not available yet"),
     }
+    return {path: why if path in wanted else "not in paths" for path, why in available.items()}
 
 
 def run_bench(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -157,7 +164,7 @@ def run_bench(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         actor, obs_dim = make_actor(path, settings, onnx_file)
         seconds = time_actions(actor, obs_dim, int(settings["batch"]), int(settings["warmup"]), int(settings["steps"]))
         entry: dict[str, Any] = {"latency_ms": summarize_ms(seconds), "max_ms": round(max(seconds) * 1e3, 4)}
-        if path in ("runtime", "cuda_graph"):
+        if path in ("runtime", "compiled", "cuda_graph"):
             entry["runtime_path"] = actor.path
         if settings["cold_start_runs"]:
             cold = cold_start_seconds(settings, path, onnx_file if path == "onnxruntime" else None, int(settings["cold_start_runs"]))

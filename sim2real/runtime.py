@@ -5,7 +5,8 @@ and preallocates the observation buffer. On a CUDA device it captures each of th
 per-step functions (``Policy.step_functions``: DT's decode and, for exact full-context models,
 recompute; BC's, BoT's and PPO's forward) in a CUDA graph with static input, output and state
 buffers, and replays them; nothing is captured again after warm-up, and an input of another shape is
-refused rather than silently re-captured. On a CPU it calls the same step functions eagerly; a family
+refused rather than silently re-captured. On a CPU it calls the same step functions eagerly, or
+compiled by ``torch.compile`` (``compile=True``: compiled during warm-up, tens of seconds); a family
 without them (the diffusion policy: its chunk queue lives on the host) is served through ``act``.
 
 Warm-up and capture run the steps on zero observations; the rollout's state is snapshotted before
@@ -31,7 +32,7 @@ WARMUP_STEPS = 3
 class PolicyRuntime:
     def __init__(self, checkpoint: str | Path, batch_size: int = 1, device: str | torch.device = "cpu",
                  attention_backend: str | None = None, cuda_graphs: bool | None = None,
-                 target_return: float | None = None, warmup_steps: int = WARMUP_STEPS):
+                 target_return: float | None = None, warmup_steps: int = WARMUP_STEPS, compile: bool = False):
         from kinema.train.checkpoint import load_checkpoint
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -52,6 +53,13 @@ class PolicyRuntime:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got {self.device}")
         if cuda_graphs and not functions:
             raise ValueError(f"the {self.policy.name!r} policy has no pure step functions to capture; serve it with cuda_graphs=False")
+        if compile and cuda_graphs:
+            raise ValueError("compile=True and cuda_graphs=True are two different paths; choose one")
+        if compile and not functions:
+            raise ValueError(f"the {self.policy.name!r} policy has no pure step functions to compile")
+        if compile:  # compiled during the warm-up below, whose effect on the state is undone
+            functions = {name: torch.compile(function, dynamic=False) for name, function in functions.items()}
+        self.compiled = bool(compile)
         self.observations = torch.zeros(batch_size, self.obs_dim, device=self.device)
         self.functions = functions
         self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -69,8 +77,11 @@ class PolicyRuntime:
 
     @property
     def path(self) -> str:
-        """``cuda_graph`` (replayed graphs), ``step_functions`` (the pure steps, eagerly) or ``act`` (the policy's act)."""
-        return "cuda_graph" if self.graphs else "step_functions" if self.functions else "act"
+        """``cuda_graph`` (replayed graphs), ``compiled`` (the pure steps through torch.compile), ``step_functions``
+        (the pure steps, eagerly) or ``act`` (the policy's act)."""
+        if self.graphs:
+            return "cuda_graph"
+        return ("compiled" if self.compiled else "step_functions") if self.functions else "act"
 
     def _conditioning(self, target_return: float | None) -> dict[str, Any]:
         if "target_return" not in self.policy.conditioning:

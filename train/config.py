@@ -181,6 +181,7 @@ class BenchConfig:
     backend: Optional[str] = None  # attention backend (sdpa, math, flex, triton); null: the policy's
     device: str = "cpu"
     target_return: Optional[float] = None  # for families conditioned on one; null: the checkpoint's evaluation target
+    paths: Optional[list[str]] = None  # a subset of act, runtime, compiled, cuda_graph, onnxruntime; null: every one available
 
 
 # -- kinema-rl -----------------------------------------------------------------------------------

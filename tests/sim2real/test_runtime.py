@@ -76,3 +76,12 @@ def test_cuda_graph_replay_matches_eager_act_through_episode_ends(name: str) -> 
     graphed, eager = PolicyRuntime(GOLDEN / name, **kwargs), PolicyRuntime(GOLDEN / name, cuda_graphs=False, **kwargs)
     assert graphed.path == "cuda_graph" and eager.path == "step_functions"
     np.testing.assert_allclose(drive(graphed, 20, 3), drive(eager, 20, 3), atol=1e-5)
+
+
+def test_the_compiled_path_gives_the_eager_actions() -> None:
+    """torch.compile of DT's decode step (compiled during warm-up, whose effect on the state is undone)."""
+    runtime = PolicyRuntime(GOLDEN / "dt", batch_size=3, target_return=TARGET, compile=True)
+    assert runtime.path == "compiled"
+    np.testing.assert_allclose(drive(runtime, 12, 3), reference("dt", 3, 12), atol=1e-5)
+    with pytest.raises(ValueError, match="no pure step functions to compile"):
+        PolicyRuntime(GOLDEN / "diffusion", compile=True)
