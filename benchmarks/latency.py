@@ -17,7 +17,11 @@ unrecorded warm-up episode each:
   listed when the default is not that model;
 - ``kinema_dt_recompute``: the exact model with ``inference.use_kv_cache=False`` (recompute every step);
 - ``hf_dt``: HF's ``DecisionTransformerModel`` re-run on the whole left-padded window at
-  every step, as HF's and kzl's evaluation loops do.
+  every step, as HF's and kzl's evaluation loops do;
+- ``kinema_dt_runtime`` and ``kinema_dt_exact_runtime``: the same two kinema models served by the
+  inference runtime (``kinema.sim2real.runtime.PolicyRuntime``: the pure step functions, without
+  ``act``'s per-call checks and conversions), and ``kinema_dt_compiled``: the banded default's step
+  through ``torch.compile`` (compiled before timing; ``--no-compile`` skips it).
 
 Reported: p50 and p99 over all calls, and p50 separately for calls made while the context
 fills (step < K) and once it slides (step >= K). The headline HF / kinema p50 ratio compares
@@ -61,7 +65,38 @@ def build_variants() -> tuple[dict[str, Policy], dict[str, dict[str, str]]]:
     return variants, compared_models(exact, "hf_dt", banded, variants["kinema_dt"].config.attention_window)
 
 
-def make_episode(policy: Policy, observations: np.ndarray, rewards: np.ndarray) -> Callable[[], np.ndarray]:
+class RuntimeVariant:
+    """A PolicyRuntime at batch 1 behind the reset/act/observe_reward calls the episodes make."""
+
+    def __init__(self, policy: Policy, compile: bool = False):
+        from kinema.sim2real.runtime import PolicyRuntime
+
+        self.runtime = PolicyRuntime(policy, batch_size=1, target_return=TARGET_RETURN, compile=compile)
+        self.spec = policy.spec
+
+    def reset(self, num_envs: int, target_return: float) -> None:
+        self.runtime.reset()
+
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        return self.runtime.act(observation)
+
+    def observe_reward(self, reward: np.ndarray) -> None:
+        self.runtime.observe_reward(reward)
+
+
+def add_runtime_variants(variants: dict[str, Any], models: dict[str, dict[str, str]], compile: bool) -> None:
+    """The kinema models again, served by the inference runtime (copies: a runtime owns its policy's rollout)."""
+    import copy
+
+    exact = models["same_model"]["kinema"]
+    variants["kinema_dt_runtime"] = RuntimeVariant(copy.deepcopy(variants["kinema_dt"]))
+    if exact != "kinema_dt":
+        variants["kinema_dt_exact_runtime"] = RuntimeVariant(copy.deepcopy(variants[exact]))
+    if compile:
+        variants["kinema_dt_compiled"] = RuntimeVariant(copy.deepcopy(variants["kinema_dt"]), compile=True)
+
+
+def make_episode(policy: Any, observations: np.ndarray, rewards: np.ndarray) -> Callable[[], np.ndarray]:
     """One episode: per-step act() durations in seconds."""
 
     def episode() -> np.ndarray:
@@ -82,11 +117,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--episodes", type=int, default=10, help="measured episodes per variant and thread count")
     parser.add_argument("--episode-steps", type=int, default=200)
     parser.add_argument("--threads", default="2,1", help="comma-separated torch thread counts")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 episode of 25 steps, 1 thread")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 episode of 25 steps, 1 thread, no compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (compiling takes a minute)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/latency.json in a checkout)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.episodes, args.episode_steps, args.threads = 1, CONTEXT_LEN + 5, "1"
+        args.episodes, args.episode_steps, args.threads, args.no_compile = 1, CONTEXT_LEN + 5, "1", True
     require_positive(parser, args, ("episodes", "episode_steps"))
     out = output_or_error(parser, args.out, NAME)
     thread_counts = parse_threads(args.threads)
@@ -94,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     original_threads = torch.get_num_threads()
 
     variants, models = build_variants()
+    add_runtime_variants(variants, models, compile=not args.no_compile)
     rng = np.random.default_rng(0)
     observations = rng.normal(size=(args.episode_steps, 1, variants["hf_dt"].spec.obs_dim)).astype(np.float32)
     rewards = rng.uniform(0.0, 3.0, size=(args.episode_steps, 1))

@@ -20,17 +20,18 @@ refused naming the environment and the index.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from kinema.policies import Policy
+
 WARMUP_STEPS = 3
 
 
 class PolicyRuntime:
-    def __init__(self, checkpoint: str | Path, batch_size: int = 1, device: str | torch.device = "cpu",
+    def __init__(self, checkpoint: Any, batch_size: int = 1, device: str | torch.device = "cpu",
                  attention_backend: str | None = None, cuda_graphs: bool | None = None,
                  target_return: float | None = None, warmup_steps: int = WARMUP_STEPS, compile: bool = False):
         from kinema.train.checkpoint import load_checkpoint
@@ -38,8 +39,11 @@ class PolicyRuntime:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
-        self.loaded = load_checkpoint(checkpoint, device=self.device, use_ema=True)
-        self.policy = self.loaded.policy.eval()
+        if isinstance(checkpoint, Policy):  # a policy in memory (benchmarks, tests); its evaluation target is not known
+            self.policy, self.recorded_eval = checkpoint.to(self.device).eval(), {}
+        else:
+            loaded = load_checkpoint(checkpoint, device=self.device, use_ema=True)
+            self.policy, self.recorded_eval = loaded.policy.eval(), loaded.config.get("eval") or {}
         if attention_backend is not None:
             self.policy.configure_inference(attention_backend=attention_backend)
         self.batch_size = batch_size
@@ -60,6 +64,7 @@ class PolicyRuntime:
         if compile:  # compiled during the warm-up below, whose effect on the state is undone
             functions = {name: torch.compile(function, dynamic=False) for name, function in functions.items()}
         self.compiled = bool(compile)
+        self.initial_state = self._snapshot()  # the freshly reset rollout, restored after warm-up and by reset()
         self.observations = torch.zeros(batch_size, self.obs_dim, device=self.device)
         self.functions = functions
         self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -67,11 +72,10 @@ class PolicyRuntime:
             if cuda_graphs:
                 self._capture(functions, warmup_steps)
             elif functions:
-                snapshot = self._snapshot()
                 for name, function in functions.items():
                     for _ in range(warmup_steps):
                         function(self.observations)
-                self._restore(snapshot)
+                self._restore(self.initial_state)
             else:
                 self._warm_up(warmup_steps)
 
@@ -89,7 +93,7 @@ class PolicyRuntime:
                 raise ValueError(f"the {self.policy.name!r} policy takes no target return; leave target_return unset")
             return {}
         if target_return is None:
-            recorded = (self.loaded.config.get("eval") or {}).get("target_return")
+            recorded = self.recorded_eval.get("target_return")
             target_return = getattr(self.policy.inference, "target_return", None) or recorded
         try:
             value = float(target_return)
@@ -117,7 +121,6 @@ class PolicyRuntime:
         self.policy.reset(self.batch_size, **self.conditioning)  # eager: a fresh rollout is free
 
     def _capture(self, functions: dict[str, Any], steps: int) -> None:
-        snapshot = self._snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
@@ -130,7 +133,7 @@ class PolicyRuntime:
             with torch.cuda.graph(graph):
                 output = function(self.observations)
             self.graphs[name] = (graph, output)
-        self._restore(snapshot)
+        self._restore(self.initial_state)
         torch.cuda.synchronize()
 
     def check_observations(self, observations: Any) -> np.ndarray:
@@ -160,6 +163,14 @@ class PolicyRuntime:
             output = self.functions[name](self.observations)
         self.policy.count_step()
         return output.cpu().numpy()
+
+    def reset(self) -> None:
+        """Every environment starts afresh: the rollout state as right after loading, restored in place
+        (graphs stay valid); a family served through ``act`` is reset."""
+        if self.functions:
+            self._restore(self.initial_state)
+        else:
+            self.policy.reset(self.batch_size, **self.conditioning)
 
     def observe_reward(self, rewards: Any) -> None:
         self.policy.observe_reward(rewards)

@@ -50,7 +50,10 @@ def test_the_runtime_acts_exactly_as_a_freshly_reset_policy(name: str) -> None:
     """Warm-up leaves no trace: step by step, through episode ends, the same actions."""
     runtime = PolicyRuntime(GOLDEN / name, batch_size=3, target_return=TARGET if name in ("dt", "dt_full", "at") else None)
     assert runtime.path == ("act" if name == "diffusion" else "step_functions")
-    np.testing.assert_array_equal(drive(runtime, 20, 3), reference(name, 3, 20))
+    expected = reference(name, 3, 20)
+    np.testing.assert_array_equal(drive(runtime, 20, 3), expected)
+    runtime.reset()  # every environment afresh, in place
+    np.testing.assert_array_equal(drive(runtime, 20, 3), expected)
 
 
 def test_bad_observations_and_settings_are_refused_naming_what_is_wrong() -> None:
