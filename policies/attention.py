@@ -6,6 +6,8 @@ tensors and picks an implementation:
 - a FlexAttention ``BlockMask`` as ``mask`` goes to ``flex_attention`` (body-graph masks);
 - otherwise PyTorch's ``scaled_dot_product_attention`` (SDPA), which already picks the
   best fused CPU/CUDA kernel;
+- ``backend="auto"`` picks ``triton`` for CUDA tensors when Triton is installed and the shapes are
+  ones its kernel takes, and SDPA otherwise; each choice is logged once;
 - ``backend="name"`` forces a registered backend. Backends that need optional
   dependencies (Triton kernels under ``kinema.policies.kernels``) register themselves
   with :func:`register_attention_backend` when their module is imported, so nothing here
@@ -29,6 +31,8 @@ bottom-right: query ``i`` sits at key position ``k_len - q_len + i``. SDPA's own
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 AttentionBackend = Callable[..., torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,31 @@ def register_attention_backend(name: str, backend: AttentionBackend, takes_mask_
         _DESCRIBED_MASK_BACKENDS.discard(name)
 
 
-def takes_mask_spec(backend: str | None) -> bool:
+AUTO = "auto"
+_logged_choices: set[tuple[str, str]] = set()
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str | None:
+    """``auto`` -> ``triton`` on CUDA where Triton is installed, else ``sdpa`` (logged once per choice and device type)."""
+    if backend != AUTO:
+        return backend
+    choice = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "sdpa"
+    if (choice, device.type) not in _logged_choices:
+        _logged_choices.add((choice, device.type))
+        logger.info("attention_backend=auto: %s on %s", choice, device.type)
+    return choice
+
+
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
+    """Shapes and dtypes the Triton kernel handles (auto falls back to SDPA for others)."""
+    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] <= 128 and k.dtype == q.dtype
+            and dropout_p == 0.0)
+
+
+def takes_mask_spec(backend: str | None, device: torch.device | None = None) -> bool:
     """Whether ``backend`` evaluates a :class:`MaskSpec` itself (models then describe their masks instead of building them)."""
+    if backend == AUTO:
+        backend = resolve_backend(backend, device if device is not None else torch.device("cpu"))
     if backend is None:
         return False
     _backend(backend)  # a lazily registered backend registers on first request
@@ -183,7 +211,7 @@ def takes_mask_spec(backend: str | None) -> bool:
 
 
 def available_attention_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | set(_LAZY_BACKEND_MODULES))
+    return sorted(set(_BACKENDS) | set(_LAZY_BACKEND_MODULES) | {AUTO})
 
 
 def _backend(name: str) -> AttentionBackend:
@@ -214,6 +242,10 @@ def attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over ``(batch, heads, tokens, head_dim)`` tensors."""
+    if backend == AUTO:
+        backend = resolve_backend(backend, q.device)
+        if backend == "triton" and not _kernel_takes(q, k, dropout_p):
+            backend = "sdpa"
     if backend is not None:
         implementation = _backend(backend)  # imports a lazily registered backend first
     if isinstance(mask, MaskSpec) and backend not in _DESCRIBED_MASK_BACKENDS:

@@ -223,7 +223,7 @@ class InferenceOptions:
 class AttentionInference(InferenceOptions):
     """Inference options of a family that calls the attention entry point: which backend it uses."""
 
-    attention_backend: Optional[str] = None  # a kinema.policies.attention backend (sdpa, math, flex, triton); null: its choice
+    attention_backend: Optional[str] = None  # sdpa, math, flex, triton, or auto (triton on CUDA, else sdpa); null: sdpa
 
     def __post_init__(self) -> None:
         if self.attention_backend is not None and self.attention_backend not in available_attention_backends():

@@ -142,7 +142,7 @@ class BodyTransformerEncoder(nn.Module):
         # where, not a product: a non-finite value at index 0 must not leak into other nodes' padding.
         gathered = torch.where(self.obs_valid, normalized_obs[:, self.obs_index], 0.0)  # (B, nodes, widest)
         tokens = torch.einsum("bni,nid->bnd", gathered, self.token_weight) + self.token_bias + self.node_embedding
-        graph_mask = MaskSpec(adjacency=self.graph_mask) if takes_mask_spec(backend) else self.graph_mask
+        graph_mask = MaskSpec(adjacency=self.graph_mask) if takes_mask_spec(backend, normalized_obs.device) else self.graph_mask
         for block, masked in zip(self.blocks, self.layer_is_masked):
             tokens = block(tokens, mask=graph_mask if masked else None, backend=backend)
         return self.ln_f(tokens)

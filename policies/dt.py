@@ -272,7 +272,7 @@ class DecisionTransformer(Policy):
     def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor | MaskSpec:
         """(B, 1, T, T): causal/banded and real keys only; the diagonal stays open so no row is empty.
         Described instead (a MaskSpec) for a backend that evaluates descriptions."""
-        if takes_mask_spec(self.inference.attention_backend):
+        if takes_mask_spec(self.inference.attention_backend, valid.device):
             return MaskSpec(causal=True, window=self.config.attention_window, group=TOKENS_PER_STEP, key_valid=valid,
                             keep_diagonal=True)
         tokens = valid.shape[1]
@@ -418,7 +418,7 @@ class _Rollout:
         self.exact_full_context = not config.attention_window
         self.use_kv_cache = policy.inference.use_kv_cache
         self.backend = policy.inference.attention_backend
-        self.describes_masks = takes_mask_spec(self.backend)
+        self.describes_masks = takes_mask_spec(self.backend, device)
         self.transformer = policy.transformer
         self.targets = torch.as_tensor(targets, dtype=torch.float64, device=device)
         self.returns_to_go = self.targets.clone()

@@ -119,3 +119,19 @@ def test_a_malformed_mask_description_is_refused_naming_the_field(fields, messag
 
     with pytest.raises(ValueError, match=message):
         MaskSpec(**fields)
+
+
+def test_auto_picks_sdpa_off_cuda_and_says_so_once(caplog) -> None:
+    import logging
+
+    from kinema.policies import attention as attention_module
+
+    attention_module._logged_choices.clear()
+    q, k, v = _qkv()
+    with caplog.at_level(logging.INFO, logger="kinema.policies.attention"):
+        out = attention(q, k, v, causal=True, backend="auto")
+        attention(q, k, v, causal=True, backend="auto")
+    torch.testing.assert_close(out, attention(q, k, v, causal=True))
+    assert [r.getMessage() for r in caplog.records] == ["attention_backend=auto: sdpa on cpu"]
+    assert not attention_module.takes_mask_spec("auto", torch.device("cpu"))
+    assert attention_module.resolve_backend("auto", torch.device("cuda")) in ("triton", "sdpa")
