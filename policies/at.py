@@ -155,6 +155,8 @@ class AgenticTransformer(DecisionTransformer):
 class _TrialsRollout(_Rollout):
     """DT's rollout plus each trial's return so far and whether it reached the target (fed back as tokens)."""
 
+    TENSOR_STATE = (*_Rollout.TENSOR_STATE, "trial_returns", "completed")
+
     def __init__(self, policy: AgenticTransformer, num_envs: int, targets: np.ndarray):
         super().__init__(policy, num_envs, targets)
         self.trial_returns = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
@@ -166,9 +168,6 @@ class _TrialsRollout(_Rollout):
         self.completed |= self.trial_returns >= self.targets  # sticky within the trial
         self.previous_feats[:, self.act_dim] = rewards / self.config.reward_scale
         self.previous_feats[:, self.act_dim + 1] = self.completed
-
-    def buffers(self) -> list[Any]:
-        return [*super().buffers(), self.trial_returns, self.completed]
 
     def restart_trial(self, index: torch.Tensor) -> None:
         super().restart_trial(index)

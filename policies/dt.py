@@ -459,10 +459,24 @@ class _Rollout:
         """Decode against the cache, unless an exact full-context model's context is about to slide."""
         return not self.exact_full_context or (self.use_kv_cache and self.host_context_steps.max() < self.groups)
 
+    TENSOR_STATE = ("step_input", "returns_to_go", "times", "context_steps", "write_group", "tokens", "key_valid")
+
     def buffers(self) -> list[Any]:
         """Everything a step or an episode end changes (see ``Policy.rollout_buffers``)."""
-        return [self.step_input, self.returns_to_go, self.times, self.context_steps, self.write_group, self.tokens,
-                self.key_valid, self.cache.data, self.host_context_steps]
+        return [*self.tensor_state(), self.host_context_steps]
+
+    def tensor_state(self) -> list[torch.Tensor]:
+        """The device state, in :attr:`TENSOR_STATE` order with the KV cache last."""
+        return [*(getattr(self, name) for name in self.TENSOR_STATE), self.cache.data]
+
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        """Use ``tensors`` (as :meth:`tensor_state` lists them) as the state from now on: an exporter passes
+        the state in as inputs and reads it back as outputs."""
+        for name, tensor in zip(self.TENSOR_STATE, tensors):
+            setattr(self, name, tensor)
+        features = self.step_input.shape[1] - 1
+        self.previous_feats, self.return_feature = self.step_input[:, :features], self.step_input[:, features]
+        self.cache.rebind(tensors[len(self.TENSOR_STATE)])
 
     def count_step(self) -> None:
         """The host-side count of a step just taken (a replayed CUDA graph runs no Python: the caller counts)."""

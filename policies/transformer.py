@@ -35,10 +35,14 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, slots: int, head_dim: int, device, dtype=torch.float32):
-        self.data = torch.zeros(n_layers, batch, slots, 2, n_heads, head_dim, device=device, dtype=dtype)
+        self.rebind(torch.zeros(n_layers, batch, slots, 2, n_heads, head_dim, device=device, dtype=dtype))
+
+    def rebind(self, data: torch.Tensor) -> None:
+        """Hold ``data`` (layers, batch, slots, 2, heads, head_dim) and build its views."""
+        self.data = data
         # (batch, heads, slots, head_dim) views, as attention takes them
-        self.keys = [self.data[layer, :, :, 0].transpose(1, 2) for layer in range(n_layers)]
-        self.values = [self.data[layer, :, :, 1].transpose(1, 2) for layer in range(n_layers)]
+        self.keys = [data[layer, :, :, 0].transpose(1, 2) for layer in range(data.shape[0])]
+        self.values = [data[layer, :, :, 1].transpose(1, 2) for layer in range(data.shape[0])]
         self._write_views: dict[tuple[int, int, int], torch.Tensor] = {}
 
     @property

@@ -6,10 +6,18 @@ size, with the normalisation statistics and weights inside the file, plus ``<pat
 the inputs, outputs, shapes and the checkpoint it came from. ``examples/onnx_inference.py`` runs
 such a file with onnxruntime alone.
 
-Supported now: the stateless families (BC, BoT, the PPO actor), whose step is one function of the
-current observation. Families that keep a rollout state (DT, AT: the KV-cache ring; the diffusion
-policy: its chunk queue) are refused by name; their export, with the state as explicit inputs and
-outputs, comes with the runtime's next part.
+Supported: the stateless families (BC, BoT, the PPO actor), whose step is one function of the
+current observation, and the banded Decision Transformer (DT's default; AT with a window), whose
+step also takes the reward of the previous step and the rollout state, and returns the new state:
+
+    (observations, rewards, state...) -> (actions, state...)
+
+The state tensors are listed in ``<path>.json`` (name, shape, dtype) and their values at the start of
+an episode are written to ``<path>.state.npz``; ``rewards`` is zero at an episode's first step. To
+restart one environment, copy its rows of the initial state (dimension 0 of every tensor but
+``write_group``, a scalar, and ``cache``, whose batch dimension is 1). An exact full-context DT
+switches to a window recompute once its context slides, and the diffusion policy keeps its chunk
+queue on the host: both are refused by name for now.
 
 Needs the ``onnx`` extra (``pip install ".[onnx]"``: onnx, onnxscript for the exporter, onnxruntime).
 """
@@ -35,42 +43,83 @@ class _StepModule(torch.nn.Module):
         return self.policy.step(observations)
 
 
-def export_onnx(checkpoint: str | Path, path: str | Path, batch_size: int = 1) -> dict[str, Any]:
+class _StatefulStepModule(torch.nn.Module):
+    """(observations, rewards, *state) -> (actions, *new state): the rollout adopts copies of the inputs."""
+
+    def __init__(self, policy: Any):
+        super().__init__()
+        self.policy = policy
+        self.rollout = policy._rollout
+        self.step = policy.step_functions()["decode"]
+
+    def forward(self, observations: torch.Tensor, rewards: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        copies = [tensor.clone() for tensor in state]
+        self.rollout.adopt(copies)
+        self.rollout.observe_reward(rewards)
+        return (self.step(observations), *copies)
+
+
+def export_onnx(checkpoint: str | Path, path: str | Path, batch_size: int = 1, target_return: float | None = None) -> dict[str, Any]:
     """Write the checkpoint's step function as ONNX at ``batch_size``; returns the description written beside it."""
-    from kinema.train.checkpoint import load_checkpoint
+    from kinema.sim2real.runtime import PolicyRuntime
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    loaded = load_checkpoint(checkpoint, device="cpu", use_ema=True)
-    policy = loaded.policy.eval()
-    if not policy.stateless:
-        raise ValueError(f"ONNX export of the {policy.name!r} policy is not available yet: it keeps a rollout state "
-                         "(exported with the state as explicit inputs and outputs in a later version); "
-                         "stateless families (bc, bot, ppo) export now")
+    runtime = PolicyRuntime(checkpoint, batch_size=batch_size, target_return=target_return, warmup_steps=0)
+    policy = runtime.policy
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(batch_size, policy.spec.obs_dim)
-    with torch.no_grad():
-        torch.onnx.export(_StepModule(policy), (example,), str(path), input_names=["observations"], output_names=["actions"],
-                          opset_version=OPSET, dynamo=True, verbose=False)
+    observations = torch.zeros(batch_size, policy.spec.obs_dim)
+    state_spec: list[dict[str, Any]] = []
+    if policy.stateless:
+        module, example, inputs, outputs = _StepModule(policy), (observations,), ["observations"], ["actions"]
+    else:
+        rollout = policy.__dict__.get("_rollout")
+        if set(policy.step_functions()) != {"decode"} or not hasattr(rollout, "adopt"):
+            raise ValueError(f"ONNX export of this {policy.name!r} policy is not available: "
+                             + ("an exact full-context DT recomputes its window once the context slides; export a banded one "
+                                "(attention_window > 0, the default)" if hasattr(rollout, "adopt") else
+                                "it keeps its rollout state on the host")
+                             + "; stateless families (bc, bot, ppo) and banded DT/AT export")
+        initial = [tensor.clone() for tensor in rollout.tensor_state()]
+        names = [*rollout.TENSOR_STATE, "cache"]
+        state_spec = [{"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+                      for name, tensor in zip(names, initial)]
+        module = _StatefulStepModule(policy)
+        example = (observations, torch.zeros(batch_size, dtype=torch.float64), *initial)
+        inputs = ["observations", "rewards", *names]
+        outputs = ["actions", *(f"{name}_next" for name in names)]
+        np.savez(path.with_suffix(path.suffix + ".state.npz"), **{name: tensor.numpy() for name, tensor in zip(names, initial)})
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, example, str(path), input_names=inputs, output_names=outputs,
+                              opset_version=OPSET, dynamo=True, verbose=False)
+    finally:
+        if state_spec:
+            policy._rollout.adopt(runtime.initial_state[: len(state_spec)])  # the tracer's tensors out, the real ones back
     description = {
-        "format": "kinema-onnx-policy/1", "policy": policy.name, "task": loaded.task, "checkpoint": str(loaded.path),
-        "step": loaded.step, "opset": OPSET,
+        "format": "kinema-onnx-policy/1", "policy": policy.name, **runtime.source, "opset": OPSET,
         "inputs": {"observations": {"shape": [batch_size, policy.spec.obs_dim], "dtype": "float32", "units": "raw observations"}},
         "outputs": {"actions": {"shape": [batch_size, policy.spec.act_dim], "dtype": "float32",
                                 "units": "the task's action units, within its action box"}},
         "action_low": list(policy.spec.action_low), "action_high": list(policy.spec.action_high),
+        "state": state_spec, "conditioning": runtime.conditioning,
     }
+    if state_spec:
+        description["inputs"]["rewards"] = {"shape": [batch_size], "dtype": "float64", "units": "reward of the previous step (0 at an episode's first)"}
+        description["initial_state"] = path.name + ".state.npz"
     path.with_suffix(path.suffix + ".json").write_text(json.dumps(description, indent=1) + "\n")
     return description
 
 
 class OnnxPolicy:
-    """An exported step function served by ONNX Runtime (CPU), with the runtime's input checks."""
+    """An exported step served by ONNX Runtime (CPU), with the runtime's input checks; for a stateful
+    export it keeps the state between calls and restarts single environments from the initial state."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime
 
+        path = Path(path)
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -78,6 +127,13 @@ class OnnxPolicy:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         shape = self.session.get_inputs()[0].shape
         self.batch_size, self.obs_dim = int(shape[0]), int(shape[1])
+        self.state_names = [value.name for value in self.session.get_inputs()[2:]]
+        self.initial: dict[str, np.ndarray] = {}
+        if self.state_names:
+            with np.load(path.with_suffix(path.suffix + ".state.npz")) as saved:
+                self.initial = {name: saved[name] for name in self.state_names}
+        self.state = {name: value.copy() for name, value in self.initial.items()}
+        self.rewards = np.zeros(self.batch_size)
 
     def act(self, observations: Any) -> np.ndarray:
         array = np.asarray(observations, dtype=np.float32)
@@ -85,4 +141,24 @@ class OnnxPolicy:
             raise ValueError(f"observations must have shape ({self.batch_size}, {self.obs_dim}), got {array.shape}")
         if not np.isfinite(array).all():
             raise ValueError("observations hold a non-finite value; refused")
-        return self.session.run(None, {"observations": array})[0]
+        if not self.state_names:
+            return self.session.run(None, {"observations": array})[0]
+        outputs = self.session.run(None, {"observations": array, "rewards": self.rewards, **self.state})
+        self.state = dict(zip(self.state_names, outputs[1:]))
+        self.rewards = np.zeros(self.batch_size)
+        return outputs[0]
+
+    def observe_reward(self, rewards: Any) -> None:
+        self.rewards = self.rewards + np.asarray(rewards, dtype=np.float64).reshape(self.batch_size)
+
+    def end_episode(self, env_indices: Any) -> None:
+        """These environments start afresh: their rows of the initial state (the ring position and the
+        cache are shared; the cleared context makes their old cache entries invisible)."""
+        index = np.asarray(env_indices, dtype=np.int64).reshape(-1)
+        for name in self.state_names:
+            if name not in ("write_group", "cache"):
+                self.state[name][index] = self.initial[name][index]
+        self.rewards[index] = 0.0
+
+    def seed_episodes(self, env_indices: Any, seeds: Any) -> None:
+        """Deterministic policies: nothing to seed."""

@@ -41,9 +41,11 @@ class PolicyRuntime:
         self.device = torch.device(device)
         if isinstance(checkpoint, Policy):  # a policy in memory (benchmarks, tests); its evaluation target is not known
             self.policy, self.recorded_eval = checkpoint.to(self.device).eval(), {}
+            self.source: dict[str, Any] = {"task": None, "checkpoint": None, "step": None}
         else:
             loaded = load_checkpoint(checkpoint, device=self.device, use_ema=True)
             self.policy, self.recorded_eval = loaded.policy.eval(), loaded.config.get("eval") or {}
+            self.source = {"task": loaded.task, "checkpoint": str(loaded.path), "step": loaded.step}
         if attention_backend is not None:
             self.policy.configure_inference(attention_backend=attention_backend)
         self.batch_size = batch_size

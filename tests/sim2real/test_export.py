@@ -45,6 +45,32 @@ def test_the_example_runs_the_file_without_kinema(tmp_path: Path) -> None:
     assert "bc policy for" in out.stdout
 
 
-def test_families_with_a_rollout_state_are_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'dt' policy is not available yet"):
-        export_onnx(GOLDEN / "dt", tmp_path / "dt.onnx")
+@pytest.mark.parametrize("name", ["dt", "at"])
+def test_a_banded_dt_exports_with_its_state_and_matches_act_through_episode_ends(name: str, tmp_path: Path) -> None:
+    """The KV-cache ring, returns-to-go and timesteps as explicit inputs and outputs, step by step."""
+    description = export_onnx(GOLDEN / name, tmp_path / "policy.onnx", batch_size=3, target_return=40.0)
+    assert [entry["name"] for entry in description["state"]][-1] == "cache" and (tmp_path / "policy.onnx.state.npz").is_file()
+    served = OnnxPolicy(tmp_path / "policy.onnx", threads=1)
+    policy = load_checkpoint(GOLDEN / name).policy.eval()
+    policy.reset(3, target_return=40.0)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for step in range(16):  # past the ring of 3 steps, with restarts
+        observations = rng.normal(size=(3, 5)).astype(np.float32)
+        with torch.no_grad():
+            expected = policy.act(observations).numpy()
+        worst = max(worst, float(np.abs(served.act(observations) - expected).max()))
+        rewards = rng.uniform(-1.0, 2.0, size=3)
+        policy.observe_reward(rewards)
+        served.observe_reward(rewards)
+        if step in (5, 11) and name == "dt":  # AT carries its context into the next trial: no restart here
+            policy.end_episode([step % 3])
+            served.end_episode([step % 3])
+    assert worst <= 1e-5
+
+
+def test_families_that_cannot_export_are_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exact full-context DT recomputes its window"):
+        export_onnx(GOLDEN / "dt_full", tmp_path / "dt.onnx", target_return=40.0)
+    with pytest.raises(ValueError, match="keeps its rollout state on the host"):
+        export_onnx(GOLDEN / "diffusion", tmp_path / "diffusion.onnx")
