@@ -416,9 +416,7 @@ class _Rollout:
         slots = TOKENS_PER_STEP * groups
         self.config, self.act_dim = config, policy.spec.act_dim
         self.exact_full_context = not config.attention_window
-        self.use_kv_cache = policy.inference.use_kv_cache
-        self.backend = policy.inference.attention_backend
-        self.describes_masks = takes_mask_spec(self.backend, device)
+        self._policy = policy  # its inference options are read at every step: configure_inference applies at once
         self.transformer = policy.transformer
         self.targets = torch.as_tensor(targets, dtype=torch.float64, device=device)
         self.returns_to_go = self.targets.clone()
@@ -454,10 +452,14 @@ class _Rollout:
         self._norm = (policy.embed_norm.weight, policy.embed_norm.bias)
         self._fused_versions: tuple[int, ...] = ()
 
+    @property
+    def inference(self) -> DTInference:
+        return self._policy.inference
+
     # -- host-side bookkeeping (the wrapper's) ----------------------------------------------
     def decodes_next_step(self) -> bool:
         """Decode against the cache, unless an exact full-context model's context is about to slide."""
-        return not self.exact_full_context or (self.use_kv_cache and self.host_context_steps.max() < self.groups)
+        return not self.exact_full_context or (self.inference.use_kv_cache and self.host_context_steps.max() < self.groups)
 
     TENSOR_STATE = ("step_input", "returns_to_go", "times", "context_steps", "write_group", "tokens", "key_valid")
 
@@ -505,7 +507,8 @@ class _Rollout:
         j = self.write_group
         slots = j * TOKENS_PER_STEP + self.group_offsets
         group = self._append_group(states, slots)
-        if self.describes_masks:
+        backend = self.inference.attention_backend
+        if takes_mask_spec(backend, self.device):
             start = j * TOKENS_PER_STEP
             mask = MaskSpec(key_valid=self.key_valid, keep_diagonal=True, ring_start=start)
             last_mask = MaskSpec(key_valid=self.key_valid, keep_diagonal=True, ring_start=start + TOKENS_PER_STEP - 1)
@@ -514,7 +517,7 @@ class _Rollout:
             allowed, own = self.decode_allowed.index_select(0, at_j)[0], self.decode_self.index_select(0, at_j)[0]
             mask = ((self.key_valid.unsqueeze(1) & allowed) | own).unsqueeze(1)
             last_mask = self.key_valid.view(self.num_envs, 1, 1, -1)
-        hidden = self.transformer.decode(group, self.cache, slots, mask, last_mask, self.weights, self.backend)
+        hidden = self.transformer.decode(group, self.cache, slots, mask, last_mask, self.weights, backend)
         self.write_group.copy_((j + 1) % self.groups)
         return self._finish_step(hidden)
 
@@ -533,7 +536,7 @@ class _Rollout:
         tokens = self.tokens[:, slots]
         valid = self.key_valid[:, slots]
         hidden = self.transformer(tokens, self._attention_mask(valid), query_index=slice(-1, None), cache=self.cache,
-                                  backend=self.backend)
+                                  backend=self.inference.attention_backend)
         # The ring now starts at the oldest group.
         self.tokens.copy_(tokens)
         self.key_valid.copy_(valid)
