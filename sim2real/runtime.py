@@ -6,7 +6,8 @@ per-step functions (``Policy.step_functions``: DT's decode and, for exact full-c
 recompute; BC's, BoT's and PPO's forward) in a CUDA graph with static input, output and state
 buffers, and replays them; nothing is captured again after warm-up, and an input of another shape is
 refused rather than silently re-captured. On a CPU it calls the same step functions eagerly, or
-compiled by ``torch.compile`` (``compile=True``: compiled during warm-up, tens of seconds); a family
+compiled by ``torch.compile`` (``compile=True``: compiled during warm-up, tens of seconds; a recompile
+afterwards raises); a family
 without them (the diffusion policy: its chunk queue lives on the host) is served through ``act``.
 
 Warm-up and capture run the steps on zero observations; the rollout's state is snapshotted before
@@ -31,6 +32,9 @@ WARMUP_STEPS = 3
 
 
 class PolicyRuntime:
+    """A checkpoint (or a policy in memory) served at ``batch_size``: ``act``, ``observe_reward``,
+    ``end_episode``, ``reset``; ``path`` says how it computes (see the module docstring)."""
+
     def __init__(self, checkpoint: Any, batch_size: int = 1, device: str | torch.device = "cpu",
                  attention_backend: str | None = None, cuda_graphs: bool | None = None,
                  target_return: float | None = None, warmup_steps: int = WARMUP_STEPS, compile: bool = False):
@@ -161,6 +165,9 @@ class PolicyRuntime:
         if self.graphs:
             graph, output = self.graphs[name]
             graph.replay()
+        elif self.compiled:  # a recompile after warm-up is an error, not a silent slowdown
+            with torch.compiler.set_stance("fail_on_recompile"):
+                output = self.functions[name](self.observations)
         else:
             output = self.functions[name](self.observations)
         self.policy.count_step()
