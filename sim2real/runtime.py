@@ -7,8 +7,8 @@ recompute; BC's, BoT's and PPO's forward) in a CUDA graph with static input, out
 buffers, and replays them; nothing is captured again after warm-up, and an input of another shape is
 refused rather than silently re-captured. On a CPU it calls the same step functions eagerly, or
 compiled by ``torch.compile`` (``compile=True``: compiled during warm-up, tens of seconds; a recompile
-afterwards raises); a family
-without them (the diffusion policy: its chunk queue lives on the host) is served through ``act``.
+afterwards raises). A family without step functions (the diffusion policy: its chunk queue lives on
+the host) is served through ``act``.
 
 Warm-up and capture run the steps on zero observations; the rollout's state is snapshotted before
 and restored after (``Policy.rollout_buffers``), in place, so the first served action is exactly what
