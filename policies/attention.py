@@ -30,6 +30,7 @@ bottom-right: query ``i`` sits at key position ``k_len - q_len + i``. SDPA's own
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -183,11 +184,16 @@ AUTO = "auto"
 _logged_choices: set[tuple[str, str]] = set()
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str | None:
     """``auto`` -> ``triton`` on CUDA where Triton is installed, else ``sdpa`` (logged once per choice and device type)."""
     if backend != AUTO:
         return backend
-    choice = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "sdpa"
+    choice = "triton" if device.type == "cuda" and _triton_installed() else "sdpa"
     if (choice, device.type) not in _logged_choices:
         _logged_choices.add((choice, device.type))
         logger.info("attention_backend=auto: %s on %s", choice, device.type)
