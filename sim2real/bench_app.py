@@ -10,8 +10,9 @@ served by ONNX Runtime; with the ``onnx`` extra, for the families ``kinema.sim2r
 (p50, p99, max, in ms) over ``steps`` actions after ``warmup``, from handing over the observations to
 holding the actions as a numpy array, with random observations and rewards; and the cold start, the
 wall time of a fresh process from its start to its first action (``cold_start_runs`` processes;
-imports and loading included). Writes ``bench.json`` in the run directory with the machine (CPU
-model, torch's CPU capability, threads) beside the figures.
+imports and loading included). ``pin=[0]`` pins the process to those cores. Writes ``bench.json`` in
+the run directory with the machine (CPU model, torch's CPU capability, threads, the cores used)
+beside the figures.
 """
 
 from __future__ import annotations
@@ -37,10 +38,23 @@ BENCH_CONFIG_DIR = str(Path(CONFIG_DIR) / "bench")
 PATHS = ("act", "runtime", "compiled", "cuda_graph", "onnxruntime")
 
 
+def pin_process(cores: list[int] | None) -> list[int]:
+    """Pin this process to ``cores`` where the OS allows it; the cores it may run on afterwards."""
+    import os
+
+    if cores:
+        try:
+            os.sched_setaffinity(0, set(cores))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"pin={cores}: cannot pin to those cores ({error}); this process may use {sorted(os.sched_getaffinity(0))}") from None
+    return sorted(os.sched_getaffinity(0))
+
+
 def make_actor(path: str, settings: dict[str, Any], onnx_file: Path | None = None) -> tuple[Any, int]:
     """(an object with act/observe_reward, obs_dim) serving the checkpoint on ``path``."""
     import torch
 
+    pin_process(settings.get("pin"))
     torch.set_num_threads(int(settings["threads"]))
     if path == "onnxruntime":
         from kinema.sim2real.export import OnnxPolicy
@@ -174,7 +188,7 @@ def run_bench(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         results[path] = entry
         print(f"kinema-bench: {path}: p50 {entry['latency_ms']['median_ms']:.3f} ms", flush=True)
     report = {"checkpoint": str(settings["checkpoint"]), "settings": settings, "machine": machine_info(),
-              "torch_threads": torch.get_num_threads(), "paths": results}
+              "torch_threads": torch.get_num_threads(), "cpu_affinity": pin_process(None), "paths": results}
     (run_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -192,7 +206,7 @@ def print_report(report: dict[str, Any]) -> None:
                      f"{entry['cold_start_s']['median']:.2f}" if "cold_start_s" in entry else "-", entry.get("runtime_path", "")])
     machine = report["machine"]
     print(f"kinema-bench: {report['checkpoint']}, batch {report['settings']['batch']}, {report['settings']['threads']} thread(s), "
-          f"{machine['cpu_model']} ({machine['torch_cpu_capability']})")
+          f"cores {report['cpu_affinity']}, {machine['cpu_model']} ({machine['torch_cpu_capability']})")
     print_table(["path", "p50 ms", "p99 ms", "max ms", "cold start s", "note"], rows)
 
 

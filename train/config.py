@@ -182,6 +182,7 @@ class BenchConfig:
     device: str = "cpu"
     target_return: Optional[float] = None  # for families conditioned on one; null: the checkpoint's evaluation target
     paths: Optional[list[str]] = None  # a subset of act, runtime, compiled, cuda_graph, onnxruntime; null: every one available
+    pin: Optional[list[int]] = None  # CPU cores to pin the process to (os.sched_setaffinity); null: as started
 
 
 # -- kinema-rl -----------------------------------------------------------------------------------

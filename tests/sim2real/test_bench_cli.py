@@ -9,10 +9,10 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def test_kinema_bench_times_every_available_path_and_writes_json(cli, tmp_path: Path) -> None:
-    out = cli.run([cli.script("kinema-bench"), f"checkpoint={GOLDEN / 'bc'}", "steps=5", "warmup=1", "cold_start_runs=1", "batch=2",
+    out = cli.run([cli.script("kinema-bench"), f"checkpoint={GOLDEN / 'bc'}", "steps=5", "warmup=1", "cold_start_runs=1", "batch=2", "pin=[0]",
                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     report = json.loads((tmp_path / "run" / "bench.json").read_text())
-    assert report["machine"]["torch_cpu_capability"] and report["settings"]["batch"] == 2
+    assert report["machine"]["torch_cpu_capability"] and report["settings"]["batch"] == 2 and report["cpu_affinity"] == [0]
     paths = report["paths"]
     for path in ("act", "runtime", "onnxruntime"):
         assert paths[path]["latency_ms"]["count"] == 5 and paths[path]["cold_start_s"]["median"] > 0, path
