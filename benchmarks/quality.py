@@ -349,8 +349,11 @@ class CodeHistory:
 # A commit that touches a family's code without changing what it computes (a refactor, a new backend
 # the default path never takes) says so in its message with a line "Score-neutral: <evidence>", e.g.
 # the golden-output tests passing unchanged. It then leaves the family's cells current. A commit
-# that also re-records the golden outputs cannot make that claim: its line is ignored.
+# whose message lacks the line can be declared afterwards in SCORE_NEUTRAL_COMMITS, one
+# "<commit> <evidence>" per line. A commit that also re-records the golden outputs cannot make
+# either claim: it is ignored.
 SCORE_NEUTRAL = "Score-neutral:"
+SCORE_NEUTRAL_COMMITS = "benchmarks/score_neutral_commits.txt"
 GOLDEN_OUTPUTS = "tests/golden"
 
 
@@ -358,16 +361,29 @@ def claims_score_neutral(message: str) -> bool:
     return any(line.startswith(SCORE_NEUTRAL) and line[len(SCORE_NEUTRAL):].strip() for line in message.splitlines())
 
 
+def declared_score_neutral() -> list[str]:
+    """Commit prefixes (7+ hex digits) declared in SCORE_NEUTRAL_COMMITS with their evidence."""
+    if REPO_ROOT is None or not (REPO_ROOT / SCORE_NEUTRAL_COMMITS).is_file():
+        return []
+    declared = []
+    for line in (REPO_ROOT / SCORE_NEUTRAL_COMMITS).read_text().splitlines():
+        commit, _, evidence = line.split("#", 1)[0].strip().partition(" ")
+        if len(commit) >= 7 and evidence.strip():
+            declared.append(commit.lower())
+    return declared
+
+
 def last_score_changing_commit(paths: Sequence[str]) -> str | None:
     """The newest commit touching ``paths`` that does not validly claim to be score-neutral (None: none, or no git)."""
     out = git("log", "--format=%H%x1f%B%x1e", "--", *paths)
     if out is None:
         return None
+    declared = declared_score_neutral()
     for entry in out.split("\x1e"):
         commit, _, message = entry.strip().partition("\x1f")
         if not commit:
             continue
-        if claims_score_neutral(message):
+        if claims_score_neutral(message) or any(commit.startswith(prefix) for prefix in declared):
             touched = git("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", commit, "--", GOLDEN_OUTPUTS)
             if touched is not None and not touched.strip():
                 continue

@@ -120,3 +120,10 @@ def test_a_score_neutral_commit_leaves_cells_current_unless_it_rerecords_golden_
     assert quality.last_score_changing_commit(["policies/model.py"]) == empty_claim
     rerecorded = commit("new outputs\n\nScore-neutral: trust me", "policies/model.py", "tests/golden/model/expected.json")
     assert quality.last_score_changing_commit(["policies/model.py"]) == rerecorded
+    # declared afterwards, in the file
+    forgot = commit("a refactor whose message forgot the line", "policies/model.py")
+    assert quality.last_score_changing_commit(["policies/model.py"]) == forgot
+    monkeypatch.setattr(quality, "REPO_ROOT", tmp_path)
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / quality.SCORE_NEUTRAL_COMMITS).write_text(f"# comment\n{forgot[:9]} golden tests unchanged\n{rerecorded[:9]} nope\n")
+    assert quality.last_score_changing_commit(["policies/model.py"]) == rerecorded
