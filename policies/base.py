@@ -37,8 +37,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from kinema.policies.attention import available_attention_backends
-
 
 @dataclass(frozen=True)
 class PolicySpec:
@@ -226,6 +224,9 @@ class AttentionInference(InferenceOptions):
     attention_backend: Optional[str] = None  # sdpa, math, flex, triton, or auto (triton on CUDA, else sdpa); null: sdpa
 
     def __post_init__(self) -> None:
+        # imported here so that families without attention do not depend on the attention module
+        from kinema.policies.attention import available_attention_backends
+
         if self.attention_backend is not None and self.attention_backend not in available_attention_backends():
             raise ValueError(
                 f"inference.attention_backend must be one of {available_attention_backends()} or null, got {self.attention_backend!r}"
