@@ -15,6 +15,17 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for small models: on 2 cores, oversubscription makes them many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run a kinema console script the way a user does, in a subprocess."""
     proc = subprocess.run(args, cwd=cwd, env=_cli_env(), capture_output=True, text=True, timeout=timeout)

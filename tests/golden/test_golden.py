@@ -123,12 +123,7 @@ def train_run(name: str, data: Path, run_dir: Path) -> dict[str, list[float]]:
 
 
 # -- the tests -------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(SAVED_MODELS))

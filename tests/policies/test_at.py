@@ -22,12 +22,7 @@ TINY = {"context_len": 4, "embed_dim": 32, "n_layers": 2, "n_heads": 2, "dropout
         "attention_window": 0}  # exact full-context DT unless a test asks for a band
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_at(seed: int = 0, **overrides) -> AgenticTransformer:

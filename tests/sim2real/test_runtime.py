@@ -16,12 +16,7 @@ FAMILIES = ["bc", "bot", "dt", "dt_full", "at", "diffusion"]
 TARGET = 40.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drive(actor, steps: int, num_envs: int, seed: int = 0) -> np.ndarray:

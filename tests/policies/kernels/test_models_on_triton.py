@@ -19,12 +19,7 @@ BODY_GRAPH = {"nodes": [{"name": "root", "parent": None, "obs_indices": [0, 1], 
                         {"name": "knee", "parent": "hip", "obs_indices": [3, 4], "act_indices": [1]}]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rollout(policy, backend: str | None, steps: int, num_envs: int = 2, **conditioning) -> torch.Tensor:
