@@ -37,7 +37,8 @@ class PolicyRuntime:
 
     def __init__(self, checkpoint: Any, batch_size: int = 1, device: str | torch.device = "cpu",
                  attention_backend: str | None = None, cuda_graphs: bool | None = None,
-                 target_return: float | None = None, warmup_steps: int = WARMUP_STEPS, compile: bool = False):
+                 target_return: float | None = None, warmup_steps: int = WARMUP_STEPS, compile: bool = False,
+                 step_functions: bool = True):
         from kinema.train.checkpoint import load_checkpoint
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -56,7 +57,7 @@ class PolicyRuntime:
         self.obs_dim, self.act_dim = self.policy.spec.obs_dim, self.policy.spec.act_dim
         self.conditioning = self._conditioning(target_return)
         self.policy.reset(batch_size, **self.conditioning)
-        functions = self.policy.step_functions()
+        functions = self.policy.step_functions() if step_functions else {}  # False: serve through the policy's act
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and bool(functions)
         if cuda_graphs and self.device.type != "cuda":
