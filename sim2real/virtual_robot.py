@@ -77,11 +77,11 @@ class VirtualRobotConfig:
         for name in ("observation_noise_std", "observation_latency_s", "action_latency_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-                raise ValueError(f"robot.{name} must be a number >= 0, got {value!r}")
+                raise ValueError(f"virtual.{name} must be a number >= 0, got {value!r}")
         if not (isinstance(self.packet_loss, (int, float)) and 0 <= self.packet_loss < 1):
-            raise ValueError(f"robot.packet_loss must be in [0, 1), got {self.packet_loss!r}")
+            raise ValueError(f"virtual.packet_loss must be in [0, 1), got {self.packet_loss!r}")
         if self.rate_hz is not None and not (isinstance(self.rate_hz, (int, float)) and self.rate_hz > 0):
-            raise ValueError(f"robot.rate_hz must be a positive number or null, got {self.rate_hz!r}")
+            raise ValueError(f"virtual.rate_hz must be a positive number or null, got {self.rate_hz!r}")
 
 
 def frame_skip_for(task: str, rate_hz: float | None) -> int | None:

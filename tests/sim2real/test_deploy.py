@@ -1,0 +1,145 @@
+"""The virtual robot in its own process and `kinema-deploy` end to end. These run in real time, so they assert
+what happened (states, counts, files), never how fast: timing lives in benchmarks/control_loop.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kinema.sim2real.control_loop import ControlLoop, LoopConfig, ThreadedInference
+from kinema.sim2real.safety import SafetyConfig, SafetyLayer
+from kinema.sim2real.virtual_robot import VirtualRobot, VirtualRobotConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+REPORT_KEYS = ("rate_hz", "ticks", "deadline_misses", "jitter_us_p50", "jitter_us_p99", "latency_us_p50", "latency_us_p99",
+               "safety_interventions", "episode_returns", "final_state")
+
+
+def zero_policy(job):
+    return np.zeros(3)
+
+
+def run(robot: VirtualRobot, duration_s: float, **loop_options) -> dict:
+    loop = ControlLoop(robot, ThreadedInference(zero_policy), SafetyLayer(robot.spec, SafetyConfig()),
+                       LoopConfig(rate_hz=robot.spec.rate_hz, duration_s=duration_s, **loop_options))
+    return loop.run()
+
+
+def test_the_virtual_robot_serves_its_task_at_its_control_rate_with_joint_limits():
+    with VirtualRobot(VirtualRobotConfig(task="hopper")) as robot:
+        assert robot.spec.rate_hz == pytest.approx(125.0) and robot.spec.obs_dim == 11 and robot.spec.provides_reward
+        assert [limit.name for limit in robot.spec.joint_limits] == ["thigh_joint", "leg_joint", "foot_joint"]
+        report = run(robot, 2.5)
+        counts = robot.robot_counts()
+    assert report["final_state"] == "ok" and report["ticks"] == 312
+    assert counts["steps"] >= 250 and report["policy_actions"] >= 250
+    # a zero-torque hopper falls within about 140 steps: at least one whole episode
+    assert report["episode_returns"] and all(length > 5 for length in report["episode_lengths"])
+
+
+def test_a_rate_the_simulation_cannot_step_at_is_refused():
+    with pytest.raises(ValueError, match=r"rate_hz=300: the 'hopper' simulation's timestep is 2 ms"):
+        VirtualRobot(VirtualRobotConfig(task="hopper", rate_hz=300)).connect()
+
+
+def test_the_robot_process_killed_mid_run_ends_in_robot_lost():
+    with VirtualRobot(VirtualRobotConfig(task="hopper")) as robot:
+        killer = threading.Timer(0.5, robot.process.kill)
+        killer.start()
+        report = run(robot, 10.0, robot_lost_s=0.2)
+        killer.join()
+    assert report["final_state"] == "robot_lost" and "exited" in report["final_reason"]
+    assert report["ticks"] < 10.0 * 125 / 2
+
+
+def test_packet_loss_and_sensor_noise_are_injected_and_counted():
+    config = VirtualRobotConfig(task="hopper", packet_loss=0.2, observation_noise_std=0.01, seed=3)
+    with VirtualRobot(config) as robot:
+        report = run(robot, 1.0)
+        counts = robot.robot_counts()
+    assert report["final_state"] == "ok"
+    assert counts["lost_observations"] > 5 and counts["lost_actions"] > 5
+    assert report["safety_interventions"]["observation_missing"] >= counts["lost_observations"] // 2
+
+
+@pytest.fixture(scope="module")
+def hopper_checkpoints(cli, hopper_random_hdf5, tmp_path_factory) -> dict[str, Path]:
+    """BC and DT trained for a few steps on hopper: not good policies, but real checkpoints of the task."""
+    runs = tmp_path_factory.mktemp("deploy-checkpoints")
+    for family in ("bc", "dt"):
+        cli.run([cli.script("kinema-train"), f"policy={family}", f"dataset.path={hopper_random_hdf5}", "train.steps=5",
+                 "eval.episodes=1", "eval.num_envs=1", "threads=1", f"hydra.run.dir={runs / family}"], cwd=runs)
+    return {family: runs / family for family in ("bc", "dt")}
+
+
+@pytest.mark.parametrize("family", ["bc", "dt"])
+def test_kinema_deploy_drives_the_virtual_robot_and_writes_report_plot_and_recording(cli, hopper_checkpoints, tmp_path, family):
+    from kinema.datasets import load_dataset
+
+    run_dir = tmp_path / "deploy"
+    out = cli.run([cli.script("kinema-deploy"), f"checkpoint={hopper_checkpoints[family]}", "robot=virtual", "duration_s=1.5",
+                   f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    report = json.loads((run_dir / "deploy_report.json").read_text())
+    assert all(key in report for key in REPORT_KEYS), sorted(report)
+    assert report["final_state"] == "ok" and report["rate_hz"] == 125.0 and report["task"] == "hopper"
+    assert report["serving_path"] == "step_functions" and report["policy_actions"] > 0
+    assert report["episode_returns"] and len(report["episode_normalized_scores"]) == len(report["episode_returns"])
+    assert (run_dir / "deploy_ticks.png").stat().st_size > 10_000
+    assert "kinema-deploy: wrote" in out.stdout
+    # the recording is an ordinary dataset: the loader reads it, episodes and all
+    dataset = load_dataset(run_dir / "deploy.hdf5", obs_dim=11, act_dim=3)
+    assert len(dataset.observations) == report["recording"]["transitions"]
+    # each ended episode closes with a terminal (or a timeout where a dropped observation left a gap before its end)
+    ended = dataset.terminals | dataset.timeouts
+    assert dataset.terminals.sum() >= 1 and ended.sum() >= len(report["episode_returns"]) and ended[-1]
+    assert np.all(np.diff(dataset.infos["timestamps"]) > 0)
+    assert dataset.metadata["task"] == "hopper"
+
+
+def test_kinema_deploy_dry_run_sends_nothing(cli, hopper_checkpoints, tmp_path):
+    run_dir = tmp_path / "dry"
+    cli.run([cli.script("kinema-deploy"), f"checkpoint={hopper_checkpoints['bc']}", "duration_s=0.5", "dry_run=true", "record=false",
+             f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    report = json.loads((run_dir / "deploy_report.json").read_text())
+    assert report["dry_run"] and report["policy_actions"] > 0 and "recording" not in report
+    # the robot never received an action: every step it took held the initial zero command
+    assert report["robot_counts"]["held_actions"] == report["robot_counts"]["steps"]
+
+
+def test_kinema_deploy_refuses_a_robot_the_checkpoint_was_not_trained_for(cli, hopper_checkpoints, tmp_path):
+    out = cli.run([cli.script("kinema-deploy"), f"checkpoint={hopper_checkpoints['bc']}", "virtual.task=walker2d", "duration_s=0.5",
+                   f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path, check=False)
+    assert out.returncode == 2 and "obs_dim: the robot observes 17 values, the checkpoint's policy 11" in out.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"safety": {"safe_action": "brake"}}, "safety.safe_action must be one of"),
+    ({"duration_s": 0}, "duration_s must be a positive number"),
+    ({"serving": "onnx"}, "serving must be one of"),
+    ({"robot": "myrobot"}, "robot must be 'virtual' or '<module>:<Class>'"),
+    ({"virtual": {"packet_loss": 1.0}}, r"virtual.packet_loss must be in \[0, 1\)"),
+])
+def test_bad_deploy_settings_are_refused_naming_the_key(override, message):
+    from dataclasses import asdict
+
+    from kinema.sim2real.deploy_app import DeployConfig, check_config
+
+    settings = asdict(DeployConfig(checkpoint="somewhere"))
+    for key, value in override.items():
+        settings[key] = {**settings[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(ValueError, match=message):
+        check_config(settings)
+
+
+def test_a_robot_class_that_is_not_a_robot_is_refused():
+    from kinema.sim2real.deploy_app import make_robot
+
+    with pytest.raises(ValueError, match="robot=collections:OrderedDict is not a kinema.sim2real.robot.Robot subclass"):
+        make_robot({"robot": "collections:OrderedDict", "robot_options": {}}, "hopper")
+    with pytest.raises(ValueError, match="robot=no_such_module:Arm: cannot import it"):
+        make_robot({"robot": "no_such_module:Arm", "robot_options": {}}, "hopper")
