@@ -197,6 +197,7 @@ def evaluate(
     video_path: str | Path | None = None,
     progress: bool = False,
     trials: int = 1,
+    randomization: Any = None,
 ) -> EvalResult:
     """Run ``episodes`` runs of ``trials`` episodes each of ``policy`` in ``task`` and score them.
 
@@ -206,7 +207,8 @@ def evaluate(
     ``dataset_refs`` is ``(ref_min, ref_max)`` or a metadata mapping (see
     ``reference_returns``). ``num_envs`` defaults to ``min(episodes, 10)`` and is capped at
     ``episodes``. ``video_path`` writes an mp4 of the first episode (environment 0, first
-    round, first trial). The protocol is in this module's docstring.
+    round, first trial). ``randomization`` (a ``kinema.envs.randomization.RandomizationProfile``)
+    varies each episode's dynamics, seeded by the episode's seed. The protocol is in this module's docstring.
     """
     spec = get_task(task)
     episodes, seed, num_envs = _checked_counts(episodes, seed, num_envs)
@@ -237,7 +239,8 @@ def evaluate(
                 if vector_env is None or vector_env.num_envs != round_size:
                     if vector_env is not None:
                         vector_env.close()
-                    vector_env = make_vector_env(spec, round_size, autoreset_mode=AutoresetMode.DISABLED, **render_kwargs)
+                    vector_env = make_vector_env(spec, round_size, autoreset_mode=AutoresetMode.DISABLED,
+                                                 randomization=randomization, **render_kwargs)
                 video = None
                 if video_path is not None and first == 0:
                     video = EpisodeVideo(vector_env.envs[0], video_path, title=video_title)

@@ -85,13 +85,19 @@ def get_task(task: str | TaskSpec) -> TaskSpec:
     )
 
 
-def make_env(task: str | TaskSpec, render_mode: str | None = None, **kwargs: Any) -> gymnasium.Env:
-    """One environment of the task, wrapped in a TimeLimit of ``max_episode_steps``."""
+def make_env(task: str | TaskSpec, render_mode: str | None = None, randomization: Any = None, **kwargs: Any) -> gymnasium.Env:
+    """One environment of the task, wrapped in a TimeLimit of ``max_episode_steps``, and in
+    ``kinema.envs.randomization.DomainRandomization`` when a non-nominal ``randomization`` profile is given."""
     spec = get_task(task)
     env_kwargs = {**dict(spec.env_kwargs), **kwargs}
-    return gymnasium.make(
+    env = gymnasium.make(
         spec.gym_id, max_episode_steps=spec.max_episode_steps, render_mode=render_mode, **env_kwargs
     )
+    if randomization is not None and not randomization.is_nominal:
+        from kinema.envs.randomization import DomainRandomization
+
+        env = DomainRandomization(env, randomization)
+    return env
 
 
 def make_vector_env(

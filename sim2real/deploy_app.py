@@ -3,7 +3,8 @@
     kinema-deploy checkpoint=<dir> robot=virtual [rate_hz=<Hz>] duration_s=<s> hydra.run.dir=<dir>
 
 ``robot=virtual`` drives a MuJoCo simulation of the checkpoint's task in its own process
-(:mod:`kinema.sim2real.virtual_robot`; ``virtual.*`` injects sensor noise, latency and packet loss);
+(:mod:`kinema.sim2real.virtual_robot`; ``virtual.*`` injects sensor noise, latency and packet loss, and
+``virtual.randomization=<profile>`` varies its dynamics per episode);
 ``robot=<module>:<Class>`` drives your own :class:`kinema.sim2real.robot.Robot` subclass, built with
 ``robot_options``. The loop runs at the robot's rate (the task's control rate, ``1/env.dt``) unless
 ``rate_hz`` says otherwise (the virtual robot's frame skip then matches it). ``safety.*`` sets the
@@ -81,7 +82,12 @@ def check_config(settings: dict[str, Any]) -> tuple[SafetyConfig, VirtualRobotCo
         raise ValueError(f"threads must be an integer >= 1, got {settings['threads']!r}")
     if settings["robot"] != "virtual" and ":" not in settings["robot"]:
         raise ValueError(f"robot must be 'virtual' or '<module>:<Class>' naming a kinema.sim2real.robot.Robot subclass, got {settings['robot']!r}")
-    return SafetyConfig(**settings["safety"]), VirtualRobotConfig(**settings["virtual"])
+    virtual = VirtualRobotConfig(**settings["virtual"])
+    if virtual.randomization:
+        from kinema.envs.randomization import get_profile
+
+        get_profile(virtual.randomization, virtual.randomization_file)
+    return SafetyConfig(**settings["safety"]), virtual
 
 
 def make_robot(settings: dict[str, Any], task: str) -> Any:

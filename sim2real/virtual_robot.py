@@ -21,7 +21,7 @@ a clock the controller on the same host shares), its reward and the episode flag
 ``start_episode`` at the next grid point, so the controller's schedule stays aligned; after an
 episode ends the robot stands still until the next ``start_episode``. Faults can be injected:
 Gaussian sensor noise, observation and action latency, and packet loss in both directions, all
-seeded. An e-stop zeroes the actuators until the next episode. The process exits when its parent does.
+seeded; and a domain-randomisation profile (``randomization``) varies the dynamics per episode. An e-stop zeroes the actuators until the next episode. The process exits when its parent does.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ class VirtualRobotConfig:
     observation_latency_s: float = 0.0
     action_latency_s: float = 0.0
     packet_loss: float = 0.0  # probability that an observation or an action message is lost
+    randomization: Optional[str] = None  # a domain-randomisation profile (kinema.envs.randomization), drawn per episode
+    randomization_file: Optional[str] = None  # a YAML file of profiles of your own
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,7 +113,12 @@ class _Simulation:
 
         self.zmq, self.config, self.parent_pid = zmq, config, parent_pid
         frame_skip = frame_skip_for(config.task, config.rate_hz)
-        self.env = make_env(config.task, **({} if frame_skip is None else {"frame_skip": frame_skip}))
+        profile = None
+        if config.randomization:
+            from kinema.envs.randomization import get_profile
+
+            profile = get_profile(config.randomization, config.randomization_file)
+        self.env = make_env(config.task, randomization=profile, **({} if frame_skip is None else {"frame_skip": frame_skip}))
         self.env.reset(seed=config.seed)
         self.period = float(self.env.unwrapped.dt)
         space = self.env.action_space
@@ -276,6 +283,10 @@ class VirtualRobot(Robot):
         zmq = require_zmq()
         self.zmq = zmq
         frame_skip_for(self.config.task, self.config.rate_hz)  # a rate the simulation cannot run is refused here
+        if self.config.randomization:  # and an unknown profile
+            from kinema.envs.randomization import get_profile
+
+            get_profile(self.config.randomization, self.config.randomization_file)
         self.context = zmq.Context()
         self.observations = self.context.socket(zmq.SUB)
         self.observations.setsockopt(zmq.CONFLATE, 1)

@@ -54,7 +54,34 @@ def _main(cfg: DictConfig) -> float | None:
     write_json(run_dir / "eval.json", result)
     print(f"kinema-eval: {policy.name} from {loaded.path} on {loaded.task}: {_describe(result)}")
     print(f"kinema-eval: wrote {run_dir / 'eval.json'}" + (f" and {video}" if video else ""))
+    if settings.get("randomization"):
+        evaluate_robustness(policy, loaded, trained_eval, conditioning, result, settings, run_dir)
     return result.get("normalized_score_mean")
+
+
+def evaluate_robustness(policy, loaded, eval_cfg, conditioning, plain, settings, run_dir: Path) -> None:
+    """The same evaluation under each named randomisation profile: robustness.json, one row per profile."""
+    from kinema.envs.randomization import get_profile
+    from kinema.train.evaluation import run_evaluation
+    from kinema.train.trainer import write_json
+
+    names = settings["randomization"]
+    names = [names] if isinstance(names, str) else list(names)
+    profiles = [get_profile(str(name), settings.get("randomization_file")) for name in names]  # all checked before any run
+    rows = [{"profile": "none", "return_mean": plain["return_mean"], "normalized_score_mean": plain.get("normalized_score_mean"),
+             "normalized_score_std": plain.get("normalized_score_std")}]
+    for profile in profiles:
+        result = run_evaluation(policy, loaded.task, eval_cfg, conditioning, loaded.dataset_refs, progress=True, randomization=profile)
+        rows.append({"profile": profile.name, "settings": profile.to_dict(), "return_mean": result["return_mean"],
+                     "normalized_score_mean": result.get("normalized_score_mean"), "normalized_score_std": result.get("normalized_score_std"),
+                     "returns": result["returns"]})
+    write_json(run_dir / "robustness.json", {"task": loaded.task, "policy": policy.name, "checkpoint": str(loaded.path),
+                                             "episodes": eval_cfg["episodes"], "seed": eval_cfg["seed"], "profiles": rows})
+    for row in rows:
+        score = row["normalized_score_mean"]
+        print(f"kinema-eval: profile {row['profile']:<10} return {row['return_mean']:9.1f}"
+              + ("" if score is None else f"  score {score:6.1f} ± {row['normalized_score_std']:.1f}"))
+    print(f"kinema-eval: wrote {run_dir / 'robustness.json'}")
 
 
 def main() -> None:

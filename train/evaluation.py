@@ -16,6 +16,7 @@ def run_evaluation(
     dataset_refs: tuple[float, float] | None,
     video_path: Path | None = None,
     progress: bool = False,
+    randomization: Any = None,
 ) -> dict[str, Any]:
     """Evaluate with ``eval.episodes``, ``eval.seed``, ``eval.num_envs`` and ``eval.trials``.
 
@@ -26,5 +27,5 @@ def run_evaluation(
     return evaluate(
         policy, task, episodes=int(eval_cfg["episodes"]), seed=int(eval_cfg["seed"]),
         num_envs=eval_cfg.get("num_envs"), conditioning=conditioning, dataset_refs=dataset_refs,
-        video_path=video_path, progress=progress, trials=int(eval_cfg.get("trials") or 1),
+        video_path=video_path, progress=progress, trials=int(eval_cfg.get("trials") or 1), randomization=randomization,
     ).to_dict()

@@ -101,6 +101,16 @@ def test_kinema_deploy_drives_the_virtual_robot_and_writes_report_plot_and_recor
     assert dataset.metadata["task"] == "hopper"
 
 
+def test_kinema_eval_scores_a_checkpoint_under_each_randomization_profile(cli, hopper_checkpoints, tmp_path):
+    out = cli.run([cli.script("kinema-eval"), f"checkpoint={hopper_checkpoints['bc']}", "eval.episodes=2", "randomization=[mass,delay]",
+                   f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path)
+    robustness = json.loads((tmp_path / "eval" / "robustness.json").read_text())
+    assert [row["profile"] for row in robustness["profiles"]] == ["none", "mass", "delay"]
+    assert robustness["profiles"][1]["settings"]["mass_scale"] == [0.7, 1.3]
+    assert all(row["normalized_score_mean"] is not None for row in robustness["profiles"])
+    assert "profile delay" in out.stdout
+
+
 def test_kinema_deploy_dry_run_sends_nothing(cli, hopper_checkpoints, tmp_path):
     run_dir = tmp_path / "dry"
     cli.run([cli.script("kinema-deploy"), f"checkpoint={hopper_checkpoints['bc']}", "duration_s=0.5", "dry_run=true", "record=false",
@@ -123,6 +133,7 @@ def test_kinema_deploy_refuses_a_robot_the_checkpoint_was_not_trained_for(cli, h
     ({"serving": "onnx"}, "serving must be one of"),
     ({"robot": "myrobot"}, "robot must be 'virtual' or '<module>:<Class>'"),
     ({"virtual": {"packet_loss": 1.0}}, r"virtual.packet_loss must be in \[0, 1\)"),
+    ({"virtual": {"randomization": "lava"}}, "randomization profile 'lava' is not defined"),
 ])
 def test_bad_deploy_settings_are_refused_naming_the_key(override, message):
     from dataclasses import asdict
