@@ -89,6 +89,7 @@ class InferenceJob:
     sequence: int
     reward: float | None
     new_episode: bool
+    committed: np.ndarray | None = None  # chunked policies: actions already committed for the steps ahead
 
 
 @dataclass

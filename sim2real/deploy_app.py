@@ -6,7 +6,8 @@
 (:mod:`kinema.sim2real.virtual_robot`; ``virtual.*`` injects sensor noise, latency and packet loss, and
 ``virtual.randomization=<profile>`` varies its dynamics per episode);
 ``robot=<module>:<Class>`` drives your own :class:`kinema.sim2real.robot.Robot` subclass, built with
-``robot_options``. The loop runs at the robot's rate (the task's control rate, ``1/env.dt``) unless
+``robot_options``. A chunked policy (diffusion) is served from an action queue refilled in the background
+(``chunking=sync|replace|ensemble|inpaint``, :mod:`kinema.sim2real.chunking`). The loop runs at the robot's rate (the task's control rate, ``1/env.dt``) unless
 ``rate_hz`` says otherwise (the virtual robot's frame skip then matches it). ``safety.*`` sets the
 safety layer, ``soft_start_s`` ramps the first commands in, ``dry_run=true`` computes and logs actions
 without sending them. ``realtime=true`` asks for SCHED_FIFO and ``pin=[k]`` pins the process, each
@@ -57,6 +58,8 @@ class DeployConfig:
     soft_start_s: float = 0.0  # ramp from zero to the policy's command over this time
     dry_run: bool = False  # compute and log actions, send nothing
     serving: str = "runtime"  # runtime (kinema.sim2real.runtime.PolicyRuntime) | act (the policy's own act)
+    chunking: Optional[str] = None  # chunked policies (diffusion): sync | replace | ensemble | inpaint; null: inpaint
+    injected_delay_ticks: float = 0.0  # chunked policies: an artificial inference delay per chunk, in ticks (benchmarks)
     device: str = "cpu"
     threads: int = 1  # torch intra-op threads of the policy
     backend: Optional[str] = None  # attention backend; null: the policy's
@@ -80,6 +83,14 @@ def check_config(settings: dict[str, Any]) -> tuple[SafetyConfig, VirtualRobotCo
         raise ValueError(f"rate_hz must be a positive number or null, got {settings['rate_hz']!r}")
     if isinstance(settings["threads"], bool) or not isinstance(settings["threads"], int) or settings["threads"] < 1:
         raise ValueError(f"threads must be an integer >= 1, got {settings['threads']!r}")
+    if settings["chunking"] is not None:
+        from kinema.sim2real.chunking import MODES
+
+        if settings["chunking"] not in MODES:
+            raise ValueError(f"chunking must be one of {list(MODES)} or null, got {settings['chunking']!r}")
+    delay = settings["injected_delay_ticks"]
+    if not (isinstance(delay, (int, float)) and np.isfinite(delay) and delay >= 0):
+        raise ValueError(f"injected_delay_ticks must be a number >= 0, got {delay!r}")
     if settings["robot"] != "virtual" and ":" not in settings["robot"]:
         raise ValueError(f"robot must be 'virtual' or '<module>:<Class>' naming a kinema.sim2real.robot.Robot subclass, got {settings['robot']!r}")
     virtual = VirtualRobotConfig(**settings["virtual"])
@@ -111,6 +122,23 @@ def make_robot(settings: dict[str, Any], task: str) -> Any:
     return robot_class(**settings["robot_options"])
 
 
+def make_inference(settings: dict[str, Any], runtime: Any, period_s: float) -> Any:
+    """Per-step inference in a worker thread, or, for a chunked policy, the chunk queue (kinema.sim2real.chunking)."""
+    import torch
+
+    from kinema.sim2real.chunking import ChunkInference
+    from kinema.sim2real.control_loop import PolicyStepper, ThreadedInference
+
+    chunked = hasattr(runtime.policy, "predict_chunk")
+    if not chunked:
+        if settings["chunking"] is not None or settings["injected_delay_ticks"]:
+            raise ValueError(f"chunking and injected_delay_ticks apply to chunked policies; the {runtime.policy.name!r} policy acts step by step")
+        return ThreadedInference(PolicyStepper(runtime))
+    torch.manual_seed(int(settings["seed"]))  # the chunks' sampling noise
+    return ChunkInference(runtime.policy, period_s, mode=settings["chunking"] or "inpaint",
+                          delay_s=float(settings["injected_delay_ticks"]) * period_s)
+
+
 def set_realtime(wanted: bool, cores: list[int] | None) -> dict[str, Any]:
     """Ask for SCHED_FIFO and pinning; what was granted, with a warning for each refusal."""
     granted: dict[str, Any] = {"realtime": False, "cpu_affinity": None}
@@ -135,7 +163,7 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     import torch
 
     from kinema.benchmarks.bench_utils import machine_info
-    from kinema.sim2real.control_loop import ControlLoop, LoopConfig, PolicyStepper, ThreadedInference
+    from kinema.sim2real.control_loop import ControlLoop, LoopConfig
     from kinema.sim2real.recording import DeploymentRecorder
     from kinema.sim2real.robot import check_robot_spec
     from kinema.sim2real.runtime import PolicyRuntime
@@ -156,9 +184,11 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                                  dry_run=bool(settings["dry_run"]), seed=int(settings["seed"]))
         recorder = DeploymentRecorder({"task": task, "checkpoint": str(settings["checkpoint"]), "rate_hz": rate_hz,
                                        "source": "kinema-deploy"}) if settings["record"] else None
-        loop = ControlLoop(robot, ThreadedInference(PolicyStepper(runtime)), SafetyLayer(robot.spec, safety_config), loop_config,
-                           on_transition=recorder)
+        inference = make_inference(settings, runtime, 1.0 / rate_hz)
+        loop = ControlLoop(robot, inference, SafetyLayer(robot.spec, safety_config), loop_config, on_transition=recorder)
         report = loop.run()
+        if hasattr(inference, "report"):
+            report["chunking"] = inference.report()
         try:
             report["robot_counts"] = robot.robot_counts() if hasattr(robot, "robot_counts") else {}
         except Exception as error:  # the robot may be gone (robot_lost): the report says so already
