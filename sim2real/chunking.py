@@ -56,8 +56,9 @@ class ChunkInference:
             self.worker = InlineInference(self._sample, clock, compute_s=self.delay_s)
         self.clock = self.worker.clock
         self.history: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
-        self.queue: dict[int, np.ndarray] = {}
-        self.predictions: dict[int, list[np.ndarray]] = {}
+        self.queue: dict[int, tuple[int, np.ndarray]] = {}  # step -> (chunk number, action)
+        self.predictions: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self.served: list[tuple[int, int]] = []  # (step, the newest chunk that served it): seams are where it changes
         self.requested_at: dict[int, float] = {}
         self.committed_lengths: dict[int, int] = {}
         self.error: BaseException | None = None
@@ -117,7 +118,7 @@ class ChunkInference:
     def _request(self, step: int) -> None:
         committed = None
         if self.mode == "inpaint":
-            ahead = [self.queue[s] for s in range(step, step + min(self.delay_ticks, self.executable)) if s in self.queue]
+            ahead = [self.queue[s][1] for s in range(step, step + min(self.delay_ticks, self.executable)) if s in self.queue]
             committed = np.stack(ahead) if ahead and len(ahead) == min(self.delay_ticks, self.executable) else None
             # only a complete prefix is inpainted: a gap means the queue cannot say what will run
         self.requested_at[step] = self.clock.now()
@@ -136,13 +137,14 @@ class ChunkInference:
         committed_length = self.committed_lengths.pop(start, 0)
         self.delays.append(max(1, math.ceil((self.clock.now() - asked) / self.period_s - 1e-9)))
         self.compute_seconds.append(result.finished - result.started)
+        number = self.chunks
         self.chunks += 1
         chunk = result.action[self.n_obs_steps - 1:]  # entry i is the action for step start + i
         now_step = self.current if self.current is not None else start
         if self.mode == "ensemble":
             for offset, action in enumerate(chunk):
                 if start + offset >= now_step:
-                    self.predictions.setdefault(start + offset, []).append(action)
+                    self.predictions.setdefault(start + offset, []).append((number, action))
             return
         keep_until = start + committed_length  # inpaint: the committed actions stay; replace / sync: from its start
         for step in [s for s in self.queue if s >= keep_until]:
@@ -150,25 +152,30 @@ class ChunkInference:
         for offset, action in enumerate(chunk):
             step = start + offset
             if step >= max(now_step, keep_until):
-                self.queue[step] = action
+                self.queue[step] = (number, action)
 
     def _take(self, step: int) -> np.ndarray | None:
+        stale = self.predictions if self.mode == "ensemble" else self.queue
+        for old in [s for s in stale if s < step]:
+            del stale[old]
         if self.mode == "ensemble":
-            values = self.predictions.pop(step, None)
-            for old in [s for s in self.predictions if s < step]:
-                del self.predictions[old]
-            if not values:
+            entries = self.predictions.pop(step, None)
+            if not entries:
                 return None
-            weights = np.exp(-self.ensemble_decay * np.arange(len(values)))
-            return np.tensordot(weights / weights.sum(), np.stack(values), axes=1)
-        for old in [s for s in self.queue if s < step]:
-            del self.queue[old]
-        return self.queue.pop(step, None)
+            weights = np.exp(-self.ensemble_decay * np.arange(len(entries)))
+            number, action = max(number for number, _ in entries), np.tensordot(weights / weights.sum(), np.stack([a for _, a in entries]), axes=1)
+        else:
+            if step not in self.queue:
+                return None
+            number, action = self.queue.pop(step)
+        self.served.append((step, number))
+        return action
 
     def poll(self, until: float) -> InferenceResult | None:
         step = self.current
         if step is None:
             return None
+        self._merge(self.worker.poll(until=self.clock.now()))  # a chunk that is ready now serves this very step
         if not self._has_action(step) and self.worker.busy:  # the queue ran dry: wait for the chunk, at most until the deadline
             self._merge(self.worker.poll(until=until))
         now = self.clock.now()

@@ -213,6 +213,7 @@ class LoopConfig:
     dry_run: bool = False
     robot_lost_s: float = 0.5
     first_observation_timeout_s: float = 10.0
+    episodes: int | None = None  # stop once this many episodes have ended (None: run for duration_s)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -227,6 +228,8 @@ class LoopConfig:
         if self.phase_offset + self.observation_wait > self.send_deadline:
             raise ValueError(f"phase_offset + observation_wait ({self.phase_offset} + {self.observation_wait}) must not pass "
                              f"send_deadline ({self.send_deadline}): the action must be computable before it is due")
+        if self.episodes is not None and (isinstance(self.episodes, bool) or not isinstance(self.episodes, int) or self.episodes < 1):
+            raise ValueError(f"episodes must be a positive integer or None, got {self.episodes!r}")
         if not (isinstance(self.soft_start_s, (int, float)) and self.soft_start_s >= 0):
             raise ValueError(f"soft_start_s must be >= 0, got {self.soft_start_s!r}")
 
@@ -241,8 +244,11 @@ class TickLog:
     inference: list[float] = field(default_factory=list)  # compute time of the action sent this tick
     policy_action: list[bool] = field(default_factory=list)  # the policy's (filtered) action, not a safe one
     actions: list[np.ndarray] = field(default_factory=list)
+    sequence: list[int] = field(default_factory=list)  # the observation's sequence (-1: none this tick)
 
-    def add(self, time: float, lateness: float, age: float, inference: float, from_policy: bool, action: np.ndarray) -> None:
+    def add(self, time: float, lateness: float, age: float, inference: float, from_policy: bool, action: np.ndarray,
+            sequence: int = -1) -> None:
+        self.sequence.append(sequence)
         self.time.append(time)
         self.lateness.append(lateness)
         self.observation_age.append(age)
@@ -253,7 +259,8 @@ class TickLog:
     def arrays(self) -> dict[str, np.ndarray]:
         return {"time": np.asarray(self.time), "lateness": np.asarray(self.lateness),
                 "observation_age": np.asarray(self.observation_age), "inference": np.asarray(self.inference),
-                "policy_action": np.asarray(self.policy_action), "actions": np.asarray(self.actions)}
+                "policy_action": np.asarray(self.policy_action), "actions": np.asarray(self.actions),
+                "sequence": np.asarray(self.sequence, dtype=np.int64)}
 
 
 @dataclass
@@ -355,6 +362,8 @@ class ControlLoop:
                 if self.final_state != "ok":
                     break
                 tick += 1
+                if config.episodes is not None and len(self.episode_returns) >= config.episodes:
+                    break
         except RobotError as exc:
             self._stop("robot_lost", str(exc), tick)
         except KeyboardInterrupt:
@@ -402,7 +411,7 @@ class ControlLoop:
             self.robot.send_action(action, -1 if observation is None else observation.sequence)
         age = np.nan if observation is None else now - observation.timestamp
         inference = np.nan if result is None else result.finished - result.started
-        self.log.add(now, lateness, age, inference, from_policy, action)
+        self.log.add(now, lateness, age, inference, from_policy, action, -1 if observation is None else observation.sequence)
         if observation is not None and self.on_transition is not None:
             self.on_transition(Transition(observation, action, not from_policy))
         if episode_over:

@@ -102,32 +102,38 @@ def frame_skip_for(task: str, rate_hz: float | None) -> int | None:
     return int(round(frames))
 
 
+def build_simulation(config: VirtualRobotConfig) -> tuple[Any, RobotSpec]:
+    """The task's environment as ``config`` sets it up (rate, randomisation), and the robot spec it offers."""
+    from kinema.envs.joints import actuated_joint_limits
+    from kinema.envs.registry import get_task, make_env
+    from kinema.sim2real.robot import JointLimit
+
+    frame_skip = frame_skip_for(config.task, config.rate_hz)
+    profile = None
+    if config.randomization:
+        from kinema.envs.randomization import get_profile
+
+        profile = get_profile(config.randomization, config.randomization_file)
+    env = make_env(config.task, randomization=profile, **({} if frame_skip is None else {"frame_skip": frame_skip}))
+    env.reset(seed=config.seed)
+    space, task = env.action_space, get_task(config.task)
+    spec = RobotSpec(
+        obs_dim=int(env.observation_space.shape[0]), act_dim=int(space.shape[0]),
+        action_low=tuple(float(x) for x in space.low), action_high=tuple(float(x) for x in space.high),
+        rate_hz=1.0 / float(env.unwrapped.dt), task=task.name, provides_reward=True, episode_steps=task.max_episode_steps,
+        joint_limits=tuple(JointLimit(**limit) for limit in actuated_joint_limits(env)))
+    return env, spec
+
+
 # -- the simulation process -----------------------------------------------------------------------
 class _Simulation:
     """Runs in the robot process: the environment, the step grid, the fault injection."""
 
     def __init__(self, config: VirtualRobotConfig, endpoints: dict[str, str], parent_pid: int):
         zmq = require_zmq()
-        from kinema.envs.joints import actuated_joint_limits
-        from kinema.envs.registry import get_task, make_env
-
         self.zmq, self.config, self.parent_pid = zmq, config, parent_pid
-        frame_skip = frame_skip_for(config.task, config.rate_hz)
-        profile = None
-        if config.randomization:
-            from kinema.envs.randomization import get_profile
-
-            profile = get_profile(config.randomization, config.randomization_file)
-        self.env = make_env(config.task, randomization=profile, **({} if frame_skip is None else {"frame_skip": frame_skip}))
-        self.env.reset(seed=config.seed)
-        self.period = float(self.env.unwrapped.dt)
-        space = self.env.action_space
-        self.spec = RobotSpec(
-            obs_dim=int(self.env.observation_space.shape[0]), act_dim=int(space.shape[0]),
-            action_low=tuple(float(x) for x in space.low), action_high=tuple(float(x) for x in space.high),
-            rate_hz=1.0 / self.period, task=get_task(config.task).name, provides_reward=True,
-            episode_steps=get_task(config.task).max_episode_steps)
-        self.joint_limits = actuated_joint_limits(self.env)
+        self.env, self.spec = build_simulation(config)
+        self.period = 1.0 / self.spec.rate_hz
         self.context = zmq.Context()
         self.observations = self.context.socket(zmq.PUB)
         self.actions = self.context.socket(zmq.PULL)
@@ -181,7 +187,7 @@ class _Simulation:
         command = request.get("command")
         reply: dict[str, Any] = {"ok": True}
         if command == "spec":
-            reply["spec"] = dict(self.spec.to_dict(), joint_limits=self.joint_limits)
+            reply["spec"] = self.spec.to_dict()
         elif command == "reset":
             self.reset_seed = int(request.get("seed", 0))
             now = time.monotonic()
@@ -304,14 +310,7 @@ class VirtualRobot(Robot):
         # multiprocessing's spawn (which re-imports the caller's main module: scripts without a main guard break)
         arguments = json.dumps({"config": asdict(self.config), "endpoints": endpoints, "parent_pid": os.getpid()})
         self.process = subprocess.Popen([sys.executable, "-m", "kinema.sim2real.virtual_robot", arguments])
-        reply = self._request({"command": "spec"}, timeout_s=START_TIMEOUT_S)
-        spec = dict(reply["spec"])
-        spec["joint_limits"] = tuple(spec.pop("joint_limits"))
-        from kinema.sim2real.robot import JointLimit
-
-        spec["joint_limits"] = tuple(JointLimit(**limit) for limit in spec["joint_limits"])
-        spec["action_low"], spec["action_high"] = tuple(spec["action_low"]), tuple(spec["action_high"])
-        self.spec = RobotSpec(**spec)
+        self.spec = RobotSpec.from_dict(self._request({"command": "spec"}, timeout_s=START_TIMEOUT_S)["spec"])
 
     def _command_socket(self) -> Any:
         socket = self.context.socket(self.zmq.REQ)
