@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results/ in a checkout")
     parser.add_argument("--out", type=Path, default=None, help=f"default: <results>/{NAME}.json")
     args = parser.parse_args(argv)
-    require_positive(parser, args, ("duration", "threads"))
+    require_positive(parser, args, ("threads",))
+    if not args.duration > 0:
+        parser.error(f"--duration must be a positive number of seconds, got {args.duration}")
     if args.checkpoints:
         try:
             checkpoints = {family: Path(path) for family, path in (item.split("=", 1) for item in args.checkpoints)}

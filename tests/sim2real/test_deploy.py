@@ -158,3 +158,21 @@ def test_a_robot_class_that_is_not_a_robot_is_refused():
         make_robot({"robot": "collections:OrderedDict", "robot_options": {}}, "hopper")
     with pytest.raises(ValueError, match="robot=no_such_module:Arm: cannot import it"):
         make_robot({"robot": "no_such_module:Arm", "robot_options": {}}, "hopper")
+
+
+def test_the_chunk_seams_benchmark_runs_and_writes_json(hopper_checkpoints, tmp_path):
+    from kinema.benchmarks.chunk_seams import main
+
+    result = main(["--checkpoints", str(hopper_checkpoints["diffusion"]), "--delays", "0,1", "--modes", "replace,inpaint",
+                   "--episodes", "1", "--out", str(tmp_path / "seams.json")])
+    assert [(row["delay_ticks"], row["mode"]) for row in result["summary"]] == [(0, "replace"), (0, "inpaint"), (1, "replace"), (1, "inpaint")]
+    assert all(case["chunks"] > 0 for case in result["runs"][0]["cases"]) and (tmp_path / "seams.json").is_file()
+
+
+def test_the_control_loop_benchmark_runs_and_writes_json(hopper_checkpoints, tmp_path):
+    from kinema.benchmarks.control_loop import main
+
+    result = main(["--checkpoints", f"dt={hopper_checkpoints['dt']}", "--rates", "task", "--duration", "0.5",
+                   "--out", str(tmp_path / "loop.json")])
+    case = result["cases"][0]
+    assert case["rate_hz"] == 125.0 and case["ticks"] > 0 and case["final_state"] == "ok" and "held_actions" in case["robot_counts"]
