@@ -368,6 +368,66 @@ def chain_cost_section(data: dict[str, Any]) -> str:
     return "\n\n".join([intro, _table(headers, rows), _provenance(data, "chain_cost.json")])
 
 
+def control_loop_section(data: dict[str, Any]) -> str:
+    cases, config = data["cases"], data["config"]
+    rows = []
+    for case in cases:
+        chunking = case.get("chunking") or {}
+        latency = chunking.get("chunk_latency_us_p99", case["latency_us_p99"])
+        scores = case.get("episode_normalized_scores") or []
+        rows.append([case["family"] + (" (per chunk)" if chunking else ""), _fmt(case["rate_hz"], 0),
+                     "yes" if case["scheduling"]["realtime"] else "no", case["ticks"], case["deadline_misses"],
+                     _fmt(case["jitter_us_p50"], 1), _fmt(case["jitter_us_p99"], 1), _fmt(latency, 0),
+                     (case.get("robot_counts") or {}).get("held_actions", "-"),
+                     _fmt(sum(scores) / len(scores), 1) if scores and case["rate"] == "task" else "-", case["final_state"]])
+    machine = data["machine"]
+    intro = (f"**Control loop** (`kinema-deploy` against the virtual robot in its own process, {_fmt(config['duration_s'], 0)} s per "
+             f"case, {config['threads']} thread(s), {machine['torch_cpu_capability']}): jitter is each tick's start against its "
+             "absolute deadline; latency is the policy's compute time per step (per chunk for the diffusion policy, whose ticks "
+             "are served from its queue); held actions are virtual-robot steps that found no action for their observation. "
+             "Targets at the task's rate: no deadline misses, p99 jitter ≤ 1 ms. At 500 Hz the virtual robot steps one 2 ms "
+             "frame and the policy acts 4× more often than it was trained for, so only the timing there means anything.")
+    headers = ["policy", "Hz", "SCHED_FIFO", "ticks", "misses", "jitter p50 µs", "jitter p99 µs", "latency p99 µs",
+               "held actions", "score", "state"]
+    return "\n\n".join([intro, _table(headers, rows), _provenance(data, "control_loop.json")])
+
+
+def chunk_seams_section(data: dict[str, Any]) -> str:
+    summary, config = data["summary"], data["config"]
+    rows = [[row["delay_ticks"], row["mode"], _fmt(row["score_mean"], 1), _fmt(row["jerk_at_seams"], 3),
+             _fmt(row["jerk_inside_chunks"], 3), _fmt(row["safety_filled_ticks"], 1)] for row in summary]
+    intro = (f"**Chunk seams** (the diffusion policy, {config.get('dataset') or 'given checkpoints'}, "
+             f"{summary[0]['checkpoints'] if summary else 0} checkpoint(s) × {config['episodes']} episodes; the simulated robot on a "
+             "fake clock, every chunk taking the injected delay in ticks; rate limit off). Jerk: mean squared second difference "
+             "of the actions sent, at seams (a step served by another chunk than the step before) and inside chunks. Filled "
+             "ticks: steps with no action in time, filled by the safety layer.")
+    headers = ["delay (ticks)", "mode", "score", "jerk at seams", "jerk inside chunks", "filled ticks"]
+    return "\n\n".join([intro, _table(headers, rows), _provenance(data, "chunk_seams.json")])
+
+
+def robustness_section(data: dict[str, Any]) -> str:
+    config, rows = data["config"], data["profiles"]
+    realtime = any("virtual_robot_realtime" in row for row in rows)
+    headers = ["profile", "plain evaluation", "loop, simulated time", "interventions (loop)"]
+    headers += ["virtual robot, real time", "held actions"] if realtime else []
+    table = []
+    for row in rows:
+        loop = row["loop_simulated"]
+        line = [row["profile"], _fmt(row["plain"], 1), _fmt(loop["score"], 1),
+                ", ".join(f"{k} {v}" for k, v in loop["safety_interventions"].items()) or "none"]
+        if realtime:
+            live = row.get("virtual_robot_realtime") or {}
+            line += [_fmt(live.get("score"), 1), live.get("held_actions", "-")]
+        table.append(line)
+    scheduling = config.get("scheduling") or {}
+    intro = (f"**Robustness** (`{Path(config['checkpoint']).parent.parent.name}/{Path(config['checkpoint']).parent.name}` of "
+             f"{Path(config['checkpoint']).parents[2].name}, {config['episodes']} episodes per profile, seeds 0..; the real-time "
+             f"virtual robot {config['realtime_episodes']} episodes, SCHED_FIFO {'granted' if scheduling.get('realtime') else 'not used'}). "
+             "Normalised score per randomisation profile: plain evaluation, the deployment loop with its default safety layer on "
+             "the simulated robot (differences are the safety layer's doing), and on the virtual robot at wall-clock rate.")
+    return "\n\n".join([intro, _table(headers, table), _provenance(data, "robustness.json")])
+
+
 # Result file (relative to the results folder) -> the section that renders it, in README order.
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "train_speed": train_speed_section,
@@ -382,6 +442,9 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "diffusion_speed": diffusion_speed_section,
     "diffusion_inference": diffusion_inference_section,
     "diffusion_modes": diffusion_modes_section,
+    "control_loop": control_loop_section,
+    "chunk_seams": chunk_seams_section,
+    "robustness": robustness_section,
 }
 
 

@@ -176,3 +176,15 @@ def test_the_control_loop_benchmark_runs_and_writes_json(hopper_checkpoints, tmp
                    "--out", str(tmp_path / "loop.json")])
     case = result["cases"][0]
     assert case["rate_hz"] == 125.0 and case["ticks"] > 0 and case["final_state"] == "ok" and "held_actions" in case["robot_counts"]
+
+
+def test_the_robustness_benchmark_compares_plain_evaluation_with_the_loop(hopper_checkpoints, tmp_path):
+    from kinema.benchmarks.robustness import main
+
+    result = main(["--checkpoint", str(hopper_checkpoints["bc"] / "checkpoint"), "--profiles", "none,mass", "--episodes", "1",
+                   "--realtime-episodes", "0", "--out", str(tmp_path / "robustness.json")])
+    rows = {row["profile"]: row for row in result["profiles"]}
+    assert set(rows) == {"none", "mass"} and all(row["loop_simulated"]["episodes"] == 1 for row in rows.values())
+    # without randomisation the loop in simulated time replays plain evaluation, unless the safety layer stepped in
+    if not rows["none"]["loop_simulated"]["safety_interventions"]:
+        assert rows["none"]["loop_simulated"]["score"] == pytest.approx(rows["none"]["plain"], abs=1e-3)
