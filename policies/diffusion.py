@@ -325,8 +325,11 @@ class DiffusionPolicy(Policy):
                       step_noise: Optional[Any] = None) -> torch.Tensor:
         """Denoise ``noise`` (B, T, A) into normalised chunks conditioned on (B, To, obs_dim) normalised observations.
 
-        ``committed`` (B, P, A) normalised actions are written into chunk indices To - 1 .. To + P - 2
-        before every denoising step and after the last (diffusion_policy's inpainting).
+        ``committed`` (B, P, A) normalised actions are inpainted at chunk indices To - 1 .. To + P - 2: before
+        every denoising step they are written in noised to that step's level (with the initial noise of
+        those entries), so the denoiser sees an input like those it was trained on, and after the last
+        step they are written in exactly. (diffusion_policy writes them in clean at every step; the model
+        never saw clean entries among noisy ones, and in ``benchmarks/chunk_seams.py`` that cost score.)
         ``step_noise(shape)`` draws DDIM's per-step noise when ``eta`` > 0.
         """
         options = self.inference
@@ -337,10 +340,13 @@ class DiffusionPolicy(Policy):
         modulations = self.denoiser.condition(obs_encoding, scheduler.timesteps[:, None].to(noise.device))
         first = self.config.n_obs_steps - 1
         chunk = noise
+        if committed is not None:
+            span = slice(first, first + committed.shape[1])
+            committed_noise = noise[:, span].clone()
         step_kwargs: dict[str, Any] = {}
         for modulation, timestep in zip(modulations, scheduler.timesteps):
             if committed is not None:
-                chunk[:, first : first + committed.shape[1]] = committed
+                chunk[:, span] = scheduler.add_noise(committed, committed_noise, timestep.reshape(1))
             predicted = self.denoiser.denoise(chunk, modulation, options.attention_backend)
             if options.sampler == "ddim":
                 step_kwargs = {"eta": options.eta}
@@ -348,7 +354,7 @@ class DiffusionPolicy(Policy):
                     step_kwargs["variance_noise"] = step_noise(chunk.shape)
             chunk = scheduler.step(predicted, timestep, chunk, **step_kwargs).prev_sample
         if committed is not None:
-            chunk[:, first : first + committed.shape[1]] = committed
+            chunk[:, span] = committed
         return chunk.clamp(-1.0, 1.0)
 
     @torch.no_grad()
