@@ -341,6 +341,7 @@ class DecisionTransformer(Policy):
         obs = self.as_observation_tensor(observation)
         if obs.shape[0] != state.num_envs:
             raise ValueError(f"act() got {obs.shape[0]} observations after reset(num_envs={state.num_envs})")
+        state.refresh_fused_weights()
         if state.decodes_next_step():
             unit_action = state.decode_step(self.normalize_obs(obs))
         else:
@@ -350,6 +351,7 @@ class DecisionTransformer(Policy):
 
     def step_functions(self) -> dict[str, Any]:
         state = self._rollout_or_error("step_functions")
+        state.refresh_fused_weights()  # the steps use the fused weights as they are now (a runtime's weights are fixed)
         functions = {"decode": lambda observations: self._unit_to_action(state.decode_step(self.normalize_obs(observations)))}
         if state.exact_full_context:
             functions["recompute"] = lambda observations: self._unit_to_action(state.recompute_step(self.normalize_obs(observations)))
@@ -563,15 +565,19 @@ class _Rollout:
     def record_action(self, unit_action: torch.Tensor) -> None:
         self.previous_feats[:, : self.act_dim] = unit_action
 
-    def embed_group(self, states: torch.Tensor, clamped_times: torch.Tensor) -> torch.Tensor:
-        """The new group's tokens (N, 3, D): the three input embeddings in one matmul."""
-        params = [p for layer in self._embedders for p in (layer.weight, layer.bias)]
-        versions = tuple(p._version for p in params)
-        if versions != self._fused_versions:  # rebuilt whenever the weights changed in place
+    def refresh_fused_weights(self) -> None:
+        """Host-side, before steps run: rebuild the fused embedding weights when the weights changed in place
+        (training between evaluations). Kept out of the pure steps, where reading tensor versions is a
+        data-dependent guard that breaks torch.compile's graph."""
+        versions = tuple(p._version for layer in self._embedders for p in (layer.weight, layer.bias))
+        if versions != self._fused_versions:
             (wa, ba), (wr, br), (ws, bs) = ((layer.weight, layer.bias) for layer in self._embedders)
             self._fused_weight = torch.block_diag(wa, wr, ws).t().contiguous()
             self._fused_bias = torch.cat((ba, br, bs))
             self._fused_versions = versions
+
+    def embed_group(self, states: torch.Tensor, clamped_times: torch.Tensor) -> torch.Tensor:
+        """The new group's tokens (N, 3, D): the three input embeddings in one matmul."""
         inputs = torch.cat((self.step_input, states), dim=1)
         tokens = torch.addmm(self._fused_bias, inputs, self._fused_weight).view(self.num_envs, TOKENS_PER_STEP, -1)
         times = F.embedding(clamped_times, self._time_table)
