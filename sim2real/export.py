@@ -7,8 +7,8 @@ the inputs, outputs, shapes and the checkpoint it came from. ``examples/onnx_inf
 such a file with onnxruntime alone.
 
 Supported: the stateless families (BC, BoT, the PPO actor), whose step is one function of the
-current observation, and the banded Decision Transformer (DT's default; AT with a window), whose
-step also takes the reward of the previous step and the rollout state, and returns the new state:
+current observation, and the Decision and Agentic Transformers, whose step also takes the reward of
+the previous step and the rollout state, and returns the new state:
 
     (observations, rewards, state...) -> (actions, state...)
 
@@ -16,8 +16,11 @@ The state tensors are listed in ``<path>.json`` (name, shape, dtype) and their v
 an episode are written to ``<path>.state.npz``; ``rewards`` is zero at an episode's first step. To
 restart one environment, copy its rows of the initial state (dimension 0 of every tensor but
 ``write_group``, a scalar, and ``cache``, whose batch dimension is 1). An exact full-context DT
-switches to a window recompute once its context slides, and the diffusion policy keeps its chunk
-queue on the host: both are refused by name for now.
+(``attention_window: 0``) recomputes its whole window once its context slides: that step is a second
+graph, ``<name>.recompute.onnx``, with the same inputs and outputs; ``<path>.json`` says when to run
+it (``recompute``: once any environment's context holds ``context_steps`` steps), and
+:class:`OnnxPolicy` follows that rule. The diffusion policy keeps its chunk queue on the host: it is
+refused by name for now.
 
 Needs the ``onnx`` extra (``pip install ".[onnx]"``: onnx, onnxscript for the exporter, onnxruntime).
 """
@@ -46,11 +49,11 @@ class _StepModule(torch.nn.Module):
 class _StatefulStepModule(torch.nn.Module):
     """(observations, rewards, *state) -> (actions, *new state): the rollout adopts copies of the inputs."""
 
-    def __init__(self, policy: Any):
+    def __init__(self, policy: Any, function: str = "decode"):
         super().__init__()
         self.policy = policy
         self.rollout = policy._rollout
-        self.step = policy.step_functions()["decode"]
+        self.step = policy.step_functions()[function]
 
     def forward(self, observations: torch.Tensor, rewards: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         copies = [tensor.clone() for tensor in state]
@@ -75,28 +78,32 @@ def export_onnx(checkpoint: str | Path, path: str | Path, batch_size: int = 1, t
         module, example, inputs, outputs = _StepModule(policy), (observations,), ["observations"], ["actions"]
     else:
         rollout = policy.__dict__.get("_rollout")
-        if set(policy.step_functions()) != {"decode"} or not hasattr(rollout, "adopt"):
-            raise ValueError(f"ONNX export of this {policy.name!r} policy is not available: "
-                             + ("an exact full-context DT recomputes its window once the context slides; export a banded one "
-                                "(attention_window > 0, the default)" if hasattr(rollout, "adopt") else
-                                "it keeps its rollout state on the host")
-                             + "; stateless families (bc, bot, ppo) and banded DT/AT export")
+        if not set(policy.step_functions()) <= {"decode", "recompute"} or not hasattr(rollout, "adopt"):
+            raise ValueError(f"ONNX export of this {policy.name!r} policy is not available: it keeps its rollout state on the host"
+                             "; stateless families (bc, bot, ppo) and DT/AT export")
         initial = [tensor.clone() for tensor in rollout.tensor_state()]
         names = [*rollout.TENSOR_STATE, "cache"]
         state_spec = [{"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
                       for name, tensor in zip(names, initial)]
-        module = _StatefulStepModule(policy)
         example = (observations, torch.zeros(batch_size, dtype=torch.float64), *initial)
         inputs = ["observations", "rewards", *names]
         outputs = ["actions", *(f"{name}_next" for name in names)]
         np.savez(path.with_suffix(path.suffix + ".state.npz"), **{name: tensor.numpy() for name, tensor in zip(names, initial)})
+    graphs = {"decode": path}
+    if state_spec and "recompute" in policy.step_functions():
+        graphs["recompute"] = recompute_graph_path(path)
     try:
-        with torch.no_grad():
-            torch.onnx.export(module, example, str(path), input_names=inputs, output_names=outputs,
-                              opset_version=OPSET, dynamo=True, verbose=False)
+        for function, graph_path in graphs.items():
+            if state_spec:
+                module = _StatefulStepModule(policy, function)
+            with torch.no_grad():
+                torch.onnx.export(module, example, str(graph_path), input_names=inputs, output_names=outputs,
+                                  opset_version=OPSET, dynamo=True, verbose=False)
+            if state_spec:
+                policy._rollout.adopt(runtime.initial_state[: len(state_spec)])  # the tracer's tensors out, the real ones back
     finally:
         if state_spec:
-            policy._rollout.adopt(runtime.initial_state[: len(state_spec)])  # the tracer's tensors out, the real ones back
+            policy._rollout.adopt(runtime.initial_state[: len(state_spec)])
     description = {
         "format": "kinema-onnx-policy/1", "policy": policy.name, **runtime.source, "opset": OPSET,
         "inputs": {"observations": {"shape": [batch_size, policy.spec.obs_dim], "dtype": "float32", "units": "raw observations"}},
@@ -108,8 +115,19 @@ def export_onnx(checkpoint: str | Path, path: str | Path, batch_size: int = 1, t
     if state_spec:
         description["inputs"]["rewards"] = {"shape": [batch_size], "dtype": "float64", "units": "reward of the previous step (0 at an episode's first)"}
         description["initial_state"] = path.name + ".state.npz"
+    if "recompute" in graphs:
+        rollout = policy._rollout
+        # the host's rule (DT's decodes_next_step): decode while every context holds fewer than `context_steps`
+        # steps (a step count per environment: +1 per step, up to context_steps; 0 after a restart), else recompute
+        description["recompute"] = {"graph": graphs["recompute"].name, "context_steps": int(rollout.groups),
+                                    "always": not bool(policy.inference.use_kv_cache)}
     path.with_suffix(path.suffix + ".json").write_text(json.dumps(description, indent=1) + "\n")
     return description
+
+
+def recompute_graph_path(path: Path) -> Path:
+    """Where an exact full-context DT's window-recompute step goes, beside its decode step."""
+    return path.with_name(path.stem + ".recompute" + path.suffix)
 
 
 class OnnxPolicy:
@@ -134,6 +152,14 @@ class OnnxPolicy:
                 self.initial = {name: saved[name] for name in self.state_names}
         self.state = {name: value.copy() for name, value in self.initial.items()}
         self.rewards = np.zeros(self.batch_size)
+        description = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+        recompute = description.get("recompute")
+        self.recompute_session = None
+        if recompute:  # an exact full-context DT: the window is recomputed once a context is full
+            self.recompute_session = onnxruntime.InferenceSession(str(path.with_name(recompute["graph"])), options,
+                                                                  providers=["CPUExecutionProvider"])
+            self.context_steps, self.always_recompute = int(recompute["context_steps"]), bool(recompute["always"])
+        self.steps = np.zeros(self.batch_size, dtype=np.int64)
 
     def act(self, observations: Any) -> np.ndarray:
         array = np.asarray(observations, dtype=np.float32)
@@ -143,9 +169,14 @@ class OnnxPolicy:
             raise ValueError("observations hold a non-finite value; refused")
         if not self.state_names:
             return self.session.run(None, {"observations": array})[0]
-        outputs = self.session.run(None, {"observations": array, "rewards": self.rewards, **self.state})
+        session = self.session
+        if self.recompute_session is not None and (self.always_recompute or self.steps.max() >= self.context_steps):
+            session = self.recompute_session
+        outputs = session.run(None, {"observations": array, "rewards": self.rewards, **self.state})
         self.state = dict(zip(self.state_names, outputs[1:]))
         self.rewards = np.zeros(self.batch_size)
+        if self.recompute_session is not None:
+            np.minimum(self.steps + 1, self.context_steps, out=self.steps)
         return outputs[0]
 
     def observe_reward(self, rewards: Any) -> None:
@@ -159,6 +190,7 @@ class OnnxPolicy:
             if name not in ("write_group", "cache"):
                 self.state[name][index] = self.initial[name][index]
         self.rewards[index] = 0.0
+        self.steps[index] = 0
 
     def seed_episodes(self, env_indices: Any, seeds: Any) -> None:
         """Deterministic policies: nothing to seed."""

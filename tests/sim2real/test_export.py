@@ -45,9 +45,10 @@ def test_the_example_runs_the_file_without_kinema(tmp_path: Path) -> None:
     assert "bc policy for" in out.stdout
 
 
-@pytest.mark.parametrize("name", ["dt", "at"])
-def test_a_banded_dt_exports_with_its_state_and_matches_act_through_episode_ends(name: str, tmp_path: Path) -> None:
-    """The KV-cache ring, returns-to-go and timesteps as explicit inputs and outputs, step by step."""
+@pytest.mark.parametrize("name", ["dt", "at", "dt_full"])
+def test_a_dt_exports_with_its_state_and_matches_act_through_episode_ends(name: str, tmp_path: Path) -> None:
+    """The KV-cache ring, returns-to-go and timesteps as explicit inputs and outputs, step by step; the exact
+    full-context DT switches to its recompute graph once a context slides."""
     description = export_onnx(GOLDEN / name, tmp_path / "policy.onnx", batch_size=3, target_return=40.0)
     assert [entry["name"] for entry in description["state"]][-1] == "cache" and (tmp_path / "policy.onnx.state.npz").is_file()
     served = OnnxPolicy(tmp_path / "policy.onnx", threads=1)
@@ -63,14 +64,15 @@ def test_a_banded_dt_exports_with_its_state_and_matches_act_through_episode_ends
         rewards = rng.uniform(-1.0, 2.0, size=3)
         policy.observe_reward(rewards)
         served.observe_reward(rewards)
-        if step in (5, 11) and name == "dt":  # AT carries its context into the next trial: no restart here
+        if step in (5, 11) and name != "at":  # AT carries its context into the next trial: no restart here
             policy.end_episode([step % 3])
             served.end_episode([step % 3])
     assert worst <= 1e-5
+    if name == "dt_full":
+        assert description["recompute"]["graph"] == "policy.recompute.onnx" and (tmp_path / "policy.recompute.onnx").is_file()
+        assert served.steps.max() == description["recompute"]["context_steps"]  # the recompute graph ran
 
 
 def test_families_that_cannot_export_are_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="exact full-context DT recomputes its window"):
-        export_onnx(GOLDEN / "dt_full", tmp_path / "dt.onnx", target_return=40.0)
     with pytest.raises(ValueError, match="keeps its rollout state on the host"):
         export_onnx(GOLDEN / "diffusion", tmp_path / "diffusion.onnx")
