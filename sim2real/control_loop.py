@@ -405,8 +405,7 @@ class ControlLoop:
         now = clock.now()
         proposed = None if result is None else self._soft_start(np.asarray(result.action, dtype=np.float64), now)
         values = None if observation is None else np.asarray(observation.values, dtype=np.float64)
-        action = safety.command(tick, proposed, values, now)
-        from_policy = proposed is not None and safety.last_fresh_action == now and not safety.in_safe_state and not safety.estopped
+        action, from_policy = safety.command(tick, proposed, values, now)
         if not config.dry_run:
             self.robot.send_action(action, -1 if observation is None else observation.sequence)
         age = np.nan if observation is None else now - observation.timestamp

@@ -119,8 +119,9 @@ class SafetyLayer:
             return self.last_sent.copy()
         return self.last_sent * self.config.damping  # damping, and always after an e-stop: towards zero
 
-    def command(self, tick: int, proposed: Any, observation: np.ndarray | None, now: float) -> np.ndarray:
-        """What is sent this tick, given the policy's ``proposed`` action (None: it has none in time)."""
+    def command(self, tick: int, proposed: Any, observation: np.ndarray | None, now: float) -> tuple[np.ndarray, bool]:
+        """(what is sent this tick, whether it is the policy's action, within limits) given the policy's
+        ``proposed`` action (None: it has none in time)."""
         if proposed is not None:
             proposed = np.asarray(proposed, dtype=np.float64).reshape(-1)
             if proposed.shape != (self.spec.act_dim,):
@@ -133,7 +134,7 @@ class SafetyLayer:
             else:
                 self.last_fresh_action = now
         if self.watchdog(tick, now) or proposed is None or self.estopped:
-            return self.send_safe(tick)
+            return self.send_safe(tick), False
         clamped = np.clip(proposed, self.low, self.high)
         if not np.array_equal(clamped, proposed):
             index = int(np.flatnonzero(clamped != proposed)[0])
@@ -146,7 +147,7 @@ class SafetyLayer:
             clamped = limited
         if observation is not None:
             clamped = self._keep_joints_inside(tick, clamped, observation)
-        return self._sent(clamped)
+        return self._sent(clamped), True
 
     def _keep_joints_inside(self, tick: int, action: np.ndarray, observation: np.ndarray) -> np.ndarray:
         margin = self.config.joint_limit_margin

@@ -283,7 +283,8 @@ def test_the_estop_latches_until_reset_explicitly():
     robot = ScriptedRobot(clock)
     safety = SafetyLayer(robot.spec, SafetyConfig(max_action_change=None, safe_action="hold"))
     safety.start(clock.now())
-    action = safety.command(0, [0.6, 0.6], None, clock.now())
+    action, from_policy = safety.command(0, [0.6, 0.6], None, clock.now())
+    assert from_policy
     np.testing.assert_allclose(action, [0.6, 0.6])
     safety.trigger_estop(1, "operator")
     safety.trigger_estop(2, "again")  # latched: the first reason stays
@@ -292,7 +293,7 @@ def test_the_estop_latches_until_reset_explicitly():
     assert np.all(np.abs(safety.send_safe(2)) < 0.6)
     safety.reset_estop()
     assert not safety.estopped
-    np.testing.assert_allclose(safety.command(3, [0.1, 0.1], None, clock.now()), [0.1, 0.1])
+    np.testing.assert_allclose(safety.command(3, [0.1, 0.1], None, clock.now())[0], [0.1, 0.1])
 
 
 def test_soft_start_ramps_to_the_policys_command():
