@@ -25,6 +25,7 @@ import numpy as np
 from kinema.benchmarks.bench_utils import (
     RunRecord, output_or_error, print_table, require_positive, results_dir_or_error,
 )
+from kinema.benchmarks.diffusion_inference import study_checkpoints
 
 NAME = "chunk_seams"
 DEFAULT_MODES = "sync,replace,ensemble,inpaint"
@@ -74,11 +75,6 @@ def run_case(checkpoint: Path, mode: str, delay_ticks: int, episodes: int) -> di
             "episode_returns": report["episode_returns"], "jerk_at_seams": seam, "jerk_inside_chunks": inside, "seams": seams,
             "safety_filled_ticks": report["safety_interventions"].get("late_action", 0), "ticks": report["ticks"],
             "chunks": inference.chunks, "measured_delay_ticks": inference.delay_ticks if inference.chunks else None}
-
-
-def study_checkpoints(results: Path, dataset: str) -> list[Path]:
-    cells = sorted((results / "diffusion" / "quality_runs" / dataset / "diffusion").glob("seed*"))
-    return [cell / "checkpoint" for cell in cells if (cell / "eval.json").is_file() and (cell / "checkpoint").is_dir()]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
