@@ -428,10 +428,37 @@ def robustness_section(data: dict[str, Any]) -> str:
     return "\n\n".join([intro, _table(headers, table), _provenance(data, "robustness.json")])
 
 
+def serving_section(data: dict[str, Any]) -> str:
+    """A ``kinema-bench`` result (bench.json): every serving path of one checkpoint on this machine."""
+    settings, machine = data["settings"], data["machine"]
+    rows, fastest = [], None
+    for path, entry in data["paths"].items():
+        if "skipped" in entry:
+            rows.append([path, "-", "-", "-", "-", entry["skipped"]])
+            continue
+        latency = entry["latency_ms"]
+        rows.append([path, _fmt(latency["median_ms"], 3), _fmt(latency["p99_ms"], 3), _fmt(entry["max_ms"], 3),
+                     _fmt(entry["cold_start_s"]["median"], 2) if "cold_start_s" in entry else "-", entry.get("runtime_path", "")])
+        if fastest is None or latency["median_ms"] < fastest[1]:
+            fastest = (path, latency["median_ms"])
+    checkpoint = Path(data["checkpoint"])
+    name = f"{checkpoint.parents[2].name} {checkpoint.parents[1].name}" if len(checkpoint.parents) > 2 else str(checkpoint)
+    intro = (f"**Serving paths** (`kinema-bench`, {name}, batch {settings['batch']}, {settings['threads']} thread(s), cores "
+             f"{data['cpu_affinity']}, {machine['torch_cpu_capability']}): per-action latency from observations handed over to "
+             f"actions held as a numpy array, over {settings['steps']} actions; cold start is a fresh process's start to its "
+             f"first action. Fastest here: **{fastest[0] if fastest else '-'}**.")
+    command = f"kinema-bench checkpoint={data['checkpoint']} threads={settings['threads']} steps={settings['steps']}"
+    provenance = (f"<sub>`{command}` → `bench.json`; {machine.get('cpu_model', '?')} ({machine.get('torch_cpu_capability')}), "
+                  f"torch {machine.get('torch_version', '?')}, {machine.get('date', '?')}, commit {(machine.get('git_commit') or '?')[:12]}.</sub>")
+    return "\n\n".join([intro, _table(["path", "p50 ms", "p99 ms", "max ms", "cold start s", "note"], rows), provenance])
+
+
 # Result file (relative to the results folder) -> the section that renders it, in README order.
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "train_speed": train_speed_section,
     "latency": latency_section,
+    "serving/dt/bench": serving_section,
+    "serving/bc/bench": serving_section,
     "eval_throughput": eval_throughput_section,
     "quality": quality_section,
     "chain_cost": chain_cost_section,
