@@ -6,10 +6,12 @@
 (:mod:`kinema.sim2real.virtual_robot`; ``virtual.*`` injects sensor noise, latency and packet loss, and
 ``virtual.randomization=<profile>`` varies its dynamics per episode);
 ``robot=<module>:<Class>`` drives your own :class:`kinema.sim2real.robot.Robot` subclass, built with
-``robot_options``. A chunked policy (diffusion) is served from an action queue refilled in the background
-(``chunking=sync|replace|ensemble|inpaint``, :mod:`kinema.sim2real.chunking`). The loop runs at the robot's rate (the task's control rate, ``1/env.dt``) unless
-``rate_hz`` says otherwise (the virtual robot's frame skip then matches it). ``safety.*`` sets the
-safety layer, ``soft_start_s`` ramps the first commands in, ``dry_run=true`` computes and logs actions
+``robot_options``. ``serving`` says how the policy computes: ``runtime`` (the pure step functions,
+eagerly), ``compiled`` (through torch.compile), ``onnxruntime`` (its ONNX export) or ``act``. A chunked
+policy (diffusion) is served from an action queue refilled in the background
+(``chunking=sync|replace|ensemble|inpaint``, :mod:`kinema.sim2real.chunking`). The loop runs at the
+robot's rate (the task's control rate, ``1/env.dt``) unless ``rate_hz`` says otherwise (the virtual
+robot's frame skip then matches it). ``safety.*`` sets the safety layer, ``soft_start_s`` ramps the first commands in, ``dry_run=true`` computes and logs actions
 without sending them. ``realtime=true`` asks for SCHED_FIFO and ``pin=[k]`` pins the process, each
 with a warning where the OS refuses.
 
@@ -43,7 +45,7 @@ from kinema.train.cli import CONFIG_DIR, HYDRA_VERSION_BASE, refuse_run_dir_that
 
 log = logging.getLogger("kinema.deploy")
 DEPLOY_CONFIG_DIR = str(Path(CONFIG_DIR) / "deploy")
-SERVING = ("runtime", "act")
+SERVING = ("runtime", "compiled", "onnxruntime", "act")
 
 
 @dataclass
@@ -57,7 +59,10 @@ class DeployConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     soft_start_s: float = 0.0  # ramp from zero to the policy's command over this time
     dry_run: bool = False  # compute and log actions, send nothing
-    serving: str = "runtime"  # runtime (kinema.sim2real.runtime.PolicyRuntime) | act (the policy's own act)
+    # runtime: kinema.sim2real.runtime.PolicyRuntime's pure steps, eagerly | compiled: the same through torch.compile
+    # | onnxruntime: the step exported to ONNX (the onnx extra) | act: the policy's own act. Fastest measured on a
+    # 2-core AVX2 CPU (README, "Serving paths"): onnxruntime for BC, compiled for DT
+    serving: str = "runtime"
     chunking: Optional[str] = None  # chunked policies (diffusion): sync | replace | ensemble | inpaint; null: inpaint
     injected_delay_ticks: float = 0.0  # chunked policies: an artificial inference delay per chunk, in ticks (benchmarks)
     device: str = "cpu"
@@ -122,8 +127,9 @@ def make_robot(settings: dict[str, Any], task: str) -> Any:
     return robot_class(**settings["robot_options"])
 
 
-def make_inference(settings: dict[str, Any], runtime: Any, period_s: float) -> Any:
-    """Per-step inference in a worker thread, or, for a chunked policy, the chunk queue (kinema.sim2real.chunking)."""
+def make_inference(settings: dict[str, Any], runtime: Any, served: Any, period_s: float) -> Any:
+    """Per-step inference of ``served`` (the runtime, or its ONNX export) in a worker thread, or, for a chunked
+    policy, the chunk queue (kinema.sim2real.chunking)."""
     import torch
 
     from kinema.sim2real.chunking import ChunkInference
@@ -133,7 +139,10 @@ def make_inference(settings: dict[str, Any], runtime: Any, period_s: float) -> A
     if not chunked:
         if settings["chunking"] is not None or settings["injected_delay_ticks"]:
             raise ValueError(f"chunking and injected_delay_ticks apply to chunked policies; the {runtime.policy.name!r} policy acts step by step")
-        return ThreadedInference(PolicyStepper(runtime))
+        return ThreadedInference(PolicyStepper(served))
+    if settings["serving"] not in ("runtime", "act"):
+        raise ValueError(f"serving={settings['serving']}: the {runtime.policy.name!r} policy is served through its chunk-level call; "
+                         "use serving=runtime")
     torch.manual_seed(int(settings["seed"]))  # the chunks' sampling noise
     return ChunkInference(runtime.policy, period_s, mode=settings["chunking"] or "inpaint",
                           delay_s=float(settings["injected_delay_ticks"]) * period_s)
@@ -172,8 +181,16 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     safety_config, _ = check_config(settings)
     torch.set_num_threads(int(settings["threads"]))
     scheduling = set_realtime(bool(settings["realtime"]), settings["pin"])
+    serving = settings["serving"]
     runtime = PolicyRuntime(settings["checkpoint"], batch_size=1, device=settings["device"], attention_backend=settings["backend"],
-                            target_return=settings["target_return"], step_functions=settings["serving"] == "runtime")
+                            target_return=settings["target_return"], step_functions=serving in ("runtime", "compiled"),
+                            compile=serving == "compiled")
+    served = runtime
+    if serving == "onnxruntime":
+        from kinema.sim2real.export import OnnxPolicy, export_onnx
+
+        export_onnx(settings["checkpoint"], run_dir / "policy.onnx", batch_size=1, target_return=runtime.conditioning.get("target_return"))
+        served = OnnxPolicy(run_dir / "policy.onnx", threads=int(settings["threads"]))
     task = runtime.source["task"]
     robot = make_robot(settings, task)
     report: dict[str, Any] = {}
@@ -184,7 +201,7 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                                  dry_run=bool(settings["dry_run"]), seed=int(settings["seed"]))
         recorder = DeploymentRecorder({"task": task, "checkpoint": str(settings["checkpoint"]), "rate_hz": rate_hz,
                                        "source": "kinema-deploy"}) if settings["record"] else None
-        inference = make_inference(settings, runtime, 1.0 / rate_hz)
+        inference = make_inference(settings, runtime, served, 1.0 / rate_hz)
         loop = ControlLoop(robot, inference, SafetyLayer(robot.spec, safety_config), loop_config, on_transition=recorder)
         report = loop.run()
         if hasattr(inference, "report"):
@@ -195,7 +212,7 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             report["robot_counts"] = {"unavailable": str(error)}
     report["episode_normalized_scores"] = _scores(report["episode_returns"], task)
     report.update({"checkpoint": str(settings["checkpoint"]), "task": task, "robot": settings["robot"],
-                   "serving_path": runtime.path, "scheduling": scheduling,
+                   "serving_path": "onnxruntime" if serving == "onnxruntime" else runtime.path, "scheduling": scheduling,
                    "settings": settings, "machine": machine_info(), "torch_threads": torch.get_num_threads()})
     if recorder is not None:
         written = recorder.write(run_dir / "deploy.hdf5")

@@ -7,7 +7,7 @@ recompute; BC's, BoT's and PPO's forward) in a CUDA graph with static input, out
 buffers, and replays them; nothing is captured again after warm-up, and an input of another shape is
 refused rather than silently re-captured. On a CPU it calls the same step functions eagerly, or
 compiled by ``torch.compile`` (``compile=True``: compiled during warm-up, tens of seconds; a recompile
-afterwards raises). A family without step functions (the diffusion policy: its chunk queue lives on
+afterwards raises, and changing torch's thread count after warm-up is one: set it first). A family without step functions (the diffusion policy: its chunk queue lives on
 the host) is served through ``act``.
 
 Warm-up and capture run the steps on zero observations; the rollout's state is snapshotted before

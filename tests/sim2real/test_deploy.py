@@ -77,17 +77,19 @@ def hopper_checkpoints(cli, hopper_random_hdf5, tmp_path_factory) -> dict[str, P
     return {family: runs / family for family in ("bc", "dt", "diffusion")}
 
 
-@pytest.mark.parametrize("family", ["bc", "dt", "diffusion"])
-def test_kinema_deploy_drives_the_virtual_robot_and_writes_report_plot_and_recording(cli, hopper_checkpoints, tmp_path, family):
+@pytest.mark.parametrize("family, serving, path", [("bc", "onnxruntime", "onnxruntime"), ("dt", "compiled", "compiled"),
+                                                    ("diffusion", "runtime", "act")])
+def test_kinema_deploy_drives_the_virtual_robot_and_writes_report_plot_and_recording(cli, hopper_checkpoints, tmp_path, family,
+                                                                                      serving, path):
     from kinema.datasets import load_dataset
 
     run_dir = tmp_path / "deploy"
     out = cli.run([cli.script("kinema-deploy"), f"checkpoint={hopper_checkpoints[family]}", "robot=virtual", "duration_s=1.5",
-                   f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                   f"serving={serving}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     report = json.loads((run_dir / "deploy_report.json").read_text())
     assert all(key in report for key in REPORT_KEYS), sorted(report)
     assert report["final_state"] == "ok" and report["rate_hz"] == 125.0 and report["task"] == "hopper"
-    assert report["serving_path"] == ("act" if family == "diffusion" else "step_functions") and report["policy_actions"] > 0
+    assert report["serving_path"] == path and report["policy_actions"] > 0
     if family == "diffusion":  # served from its chunk queue, refilled in the background
         assert report["chunking"]["mode"] == "inpaint" and report["chunking"]["chunks"] > 1
     assert len(report["episode_normalized_scores"]) == len(report["episode_returns"])
@@ -132,7 +134,7 @@ def test_kinema_deploy_refuses_a_robot_the_checkpoint_was_not_trained_for(cli, h
 @pytest.mark.parametrize("override, message", [
     ({"safety": {"safe_action": "brake"}}, "safety.safe_action must be one of"),
     ({"duration_s": 0}, "duration_s must be a positive number"),
-    ({"serving": "onnx"}, "serving must be one of"),
+    ({"serving": "tensorrt"}, "serving must be one of"),
     ({"robot": "myrobot"}, "robot must be 'virtual' or '<module>:<Class>'"),
     ({"chunking": "blend"}, "chunking must be one of"),
     ({"injected_delay_ticks": -1}, "injected_delay_ticks must be a number >= 0"),
