@@ -72,8 +72,9 @@ def hopper_checkpoints(cli, hopper_random_hdf5, tmp_path_factory) -> dict[str, P
     """BC, DT and diffusion trained for a few steps on hopper: not good policies, but real checkpoints of the task."""
     runs = tmp_path_factory.mktemp("deploy-checkpoints")
     for family in ("bc", "dt", "diffusion"):
+        fast = ["policy.inference.num_inference_steps=2"] if family == "diffusion" else []  # quick chunks
         cli.run([cli.script("kinema-train"), f"policy={family}", f"dataset.path={hopper_random_hdf5}", "train.steps=5",
-                 "eval.episodes=1", "eval.num_envs=1", "threads=1", f"hydra.run.dir={runs / family}"], cwd=runs)
+                 "eval.episodes=1", "eval.num_envs=1", "eval.every=0", "threads=1", *fast, f"hydra.run.dir={runs / family}"], cwd=runs)
     return {family: runs / family for family in ("bc", "dt", "diffusion")}
 
 
