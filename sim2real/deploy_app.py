@@ -68,6 +68,7 @@ class DeployConfig:
     device: str = "cpu"
     threads: int = 1  # torch intra-op threads of the policy
     backend: Optional[str] = None  # attention backend; null: the policy's
+    inference: dict = field(default_factory=dict)  # the policy's inference options, e.g. +inference.num_inference_steps=2
     target_return: Optional[float] = None  # for return-conditioned families; null: the checkpoint's evaluation target
     realtime: bool = False  # SCHED_FIFO for the controller, where the OS allows it
     pin: Optional[list[int]] = None  # CPU cores for the controller; null: as started
@@ -184,7 +185,7 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     serving = settings["serving"]
     runtime = PolicyRuntime(settings["checkpoint"], batch_size=1, device=settings["device"], attention_backend=settings["backend"],
                             target_return=settings["target_return"], step_functions=serving in ("runtime", "compiled"),
-                            compile=serving == "compiled")
+                            compile=serving == "compiled", inference=settings["inference"])
     served = runtime
     if serving == "onnxruntime":
         from kinema.sim2real.export import OnnxPolicy, export_onnx

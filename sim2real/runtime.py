@@ -38,7 +38,7 @@ class PolicyRuntime:
     def __init__(self, checkpoint: Any, batch_size: int = 1, device: str | torch.device = "cpu",
                  attention_backend: str | None = None, cuda_graphs: bool | None = None,
                  target_return: float | None = None, warmup_steps: int = WARMUP_STEPS, compile: bool = False,
-                 step_functions: bool = True):
+                 step_functions: bool = True, inference: dict[str, Any] | None = None):
         from kinema.train.checkpoint import load_checkpoint
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -51,8 +51,9 @@ class PolicyRuntime:
             loaded = load_checkpoint(checkpoint, device=self.device, use_ema=True)
             self.policy, self.recorded_eval = loaded.policy.eval(), loaded.config.get("eval") or {}
             self.source = {"task": loaded.task, "checkpoint": str(loaded.path), "step": loaded.step}
-        if attention_backend is not None:
-            self.policy.configure_inference(attention_backend=attention_backend)
+        overrides = dict(inference or {}, **({"attention_backend": attention_backend} if attention_backend is not None else {}))
+        if overrides:  # inference options (e.g. the diffusion policy's num_inference_steps), before warm-up
+            self.policy.configure_inference(**overrides)
         self.batch_size = batch_size
         self.obs_dim, self.act_dim = self.policy.spec.obs_dim, self.policy.spec.act_dim
         self.conditioning = self._conditioning(target_return)
