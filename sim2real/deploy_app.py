@@ -17,7 +17,8 @@ with a warning where the OS refuses.
 
 Writes, in the run directory: ``deploy_report.json`` (rate, ticks, deadline misses, jitter, latency,
 observation age, safety interventions by reason, episode returns and scores, final state, the robot's
-own counts, the machine), ``deploy_ticks.png`` (latency and jitter over time) and, unless
+own counts, the machine), ``deploy_ticks.csv`` (per tick: lateness, observation age, inference time, the
+action sent), ``deploy_ticks.png`` (latency and jitter over time) and, unless
 ``record=false``, ``deploy.hdf5`` (the run as a D4RL-layout dataset). A run that ends in anything but
 ``ok`` exits 1 with a one-line reason, after writing its report.
 """
@@ -219,7 +220,9 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         written = recorder.write(run_dir / "deploy.hdf5")
         report["recording"] = None if written is None else {"path": str(written), "transitions": len(recorder)}
     (run_dir / "deploy_report.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")
-    plot_ticks(loop.log.arrays(), loop.period, run_dir / "deploy_ticks.png", f"{task}, {rate_hz:g} Hz, {report['final_state']}")
+    ticks = loop.log.arrays()
+    write_tick_log(ticks, run_dir / "deploy_ticks.csv")
+    plot_ticks(ticks, loop.period, run_dir / "deploy_ticks.png", f"{task}, {rate_hz:g} Hz, {report['final_state']}")
     return report
 
 
@@ -239,6 +242,23 @@ def _scores(returns: list[float], task: str | None) -> list[float] | None:
     except (KeyError, ValueError):  # a task without D4RL reference returns
         return None
     return [round(float(score), 2) for score in scores]
+
+
+def write_tick_log(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """One row per tick: time since the first tick, lateness, observation age and inference time (ms; empty where
+    the tick had none), the observation's sequence (-1: none), whether the policy's action went out, the action sent."""
+    act_dim = arrays["actions"].shape[1] if arrays["actions"].ndim == 2 else 0
+    header = ["time_s", "lateness_ms", "observation_age_ms", "inference_ms", "sequence", "policy_action",
+              *(f"action_{i}" for i in range(act_dim))]
+    start = arrays["time"][0] if len(arrays["time"]) else 0.0
+    ms = lambda value: "" if not np.isfinite(value) else f"{value * 1e3:.4f}"  # noqa: E731
+    with open(path, "w") as file:
+        file.write(",".join(header) + "\n")
+        for i in range(len(arrays["time"])):
+            row = [f"{arrays['time'][i] - start:.6f}", ms(arrays["lateness"][i]), ms(arrays["observation_age"][i]),
+                   ms(arrays["inference"][i]), str(int(arrays["sequence"][i])), str(int(arrays["policy_action"][i])),
+                   *(f"{value:.6g}" for value in arrays["actions"][i])]
+            file.write(",".join(row) + "\n")
 
 
 def plot_ticks(arrays: dict[str, np.ndarray], period: float, path: Path, title: str) -> None:

@@ -203,6 +203,16 @@ class RLConfig:
     snapshot_every: int = 20480  # evaluate, export checkpoint/ and save a resumable learner every N steps (5 PPO rollouts)
     eval_episodes: int = 10  # episodes per evaluation (deterministic actions); episode i is seeded eval_seed + i
     eval_seed: int = 1000
+    randomization: Optional[str] = None  # train under this domain-randomisation profile (kinema.envs.randomization); evaluation stays nominal
+    randomization_file: Optional[str] = None  # a YAML file of profiles of your own
+
+    def randomization_profile(self) -> Any:
+        """The training environments' profile (None: nominal)."""
+        if not self.randomization:
+            return None
+        from kinema.envs.randomization import get_profile
+
+        return get_profile(self.randomization, self.randomization_file)
 
     def check(self) -> None:
         from kinema.policies.ppo import NETWORKS
@@ -216,3 +226,4 @@ class RLConfig:
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
         require_whole_rollouts(self.snapshot_every, PPO_RECIPE)
+        self.randomization_profile()  # an unknown profile is refused before anything runs

@@ -77,14 +77,16 @@ def write_state(work_dir: Path, state: dict[str, Any]) -> None:
     atomic_write(work_dir / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1) + "\n"))
 
 
-def make_training_env(spec: Any, seed: int, recipe: dict[str, Any]) -> Any:
-    """``n_envs`` DummyVecEnv copies of the task under VecNormalize (observations and rewards)."""
+def make_training_env(spec: Any, seed: int, recipe: dict[str, Any], randomization: Any = None) -> Any:
+    """``n_envs`` DummyVecEnv copies of the task under VecNormalize (observations and rewards); with a
+    ``randomization`` profile (``kinema.envs.randomization``) each copy varies its dynamics every episode."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     from kinema.envs import make_env
 
-    vec_env = make_vec_env(lambda: make_env(spec), n_envs=recipe["n_envs"], seed=seed, vec_env_cls=DummyVecEnv)
+    vec_env = make_vec_env(lambda: make_env(spec, randomization=randomization), n_envs=recipe["n_envs"], seed=seed,
+                           vec_env_cls=DummyVecEnv)
     return VecNormalize(vec_env, norm_obs=recipe["normalize_observations"], norm_reward=recipe["normalize_rewards"],
                         gamma=recipe["gamma"])
 

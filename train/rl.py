@@ -173,16 +173,19 @@ def run_rl(cfg: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
         raise ValueError(f"run directory {run_dir} is in use by another kinema-rl; wait for it or choose another hydra.run.dir") from None
     try:
         structure_digest = hashlib.sha256(json.dumps(spec.structure, sort_keys=True).encode()).hexdigest()
+        profile = cfg.randomization_profile()
         identity = {"task": task.name, "gym_id": task.gym_id, "seed": cfg.seed, "recipe": PPO_RECIPE,
                     "snapshot_every": cfg.snapshot_every, "network": cfg.network,
-                    "networks": network_description(cfg.network, cfg.bot), "task_structure_sha256": structure_digest}
+                    "networks": network_description(cfg.network, cfg.bot), "task_structure_sha256": structure_digest,
+                    # only when set, so runs started before this option existed still resume
+                    **({"randomization": profile.to_dict()} if profile is not None else {})}
         state = open_run(run_dir, identity)
         eval_cfg = {"episodes": cfg.eval_episodes, "num_envs": min(cfg.eval_episodes, 10), "seed": cfg.eval_seed, "trials": 1}
         run_config = {"env": task.name, "seed": cfg.seed, "eval": eval_cfg, "rl": {**identity, "total_steps": cfg.total_steps}}
         label = f"PPO, {'BoT-' + cfg.bot.variant if cfg.network == 'bot' else 'MLP'} on {task.name}"
 
         def build() -> tuple[Any, Any]:
-            vec_env = make_training_env(task, cfg.seed, PPO_RECIPE)
+            vec_env = make_training_env(task, cfg.seed, PPO_RECIPE, randomization=profile)
             policy, kwargs = sb3_policy(cfg.network, spec, cfg.bot)
             return new_ppo(vec_env, cfg.seed, PPO_RECIPE, policy, kwargs), vec_env
 

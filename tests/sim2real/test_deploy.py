@@ -95,6 +95,9 @@ def test_kinema_deploy_drives_the_virtual_robot_and_writes_report_plot_and_recor
         assert report["chunking"]["mode"] == "inpaint" and report["chunking"]["chunks"] > 1
     assert len(report["episode_normalized_scores"]) == len(report["episode_returns"])
     assert (run_dir / "deploy_ticks.png").stat().st_size > 10_000
+    rows = (run_dir / "deploy_ticks.csv").read_text().splitlines()
+    assert rows[0].startswith("time_s,lateness_ms,observation_age_ms,inference_ms,sequence,policy_action,action_0")
+    assert len(rows) - 1 == report["ticks"] - report["deadline_misses"]  # a skipped (overrun) tick has no row
     assert "kinema-deploy: wrote" in out.stdout
     # the recording is an ordinary dataset: the loader reads it, episodes and all
     dataset = load_dataset(run_dir / "deploy.hdf5", obs_dim=11, act_dim=3)

@@ -100,3 +100,18 @@ def test_bad_config_is_refused_before_any_work(cli, tmp_path: Path, override: st
     proc = cli.run(rl_args(cli, tmp_path / "run", override), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_training_environments_take_a_randomisation_profile_and_an_unknown_one_is_refused() -> None:
+    from kinema.envs.randomization import DomainRandomization, get_profile
+    from kinema.train.config import RLConfig
+
+    vec_env = make_training_env(get_task("hopper"), 0, PPO_RECIPE, randomization=get_profile("mass"))
+    vec_env.reset()
+    first = vec_env.venv.envs[0]
+    assert isinstance(first, DomainRandomization) or isinstance(getattr(first, "env", None), DomainRandomization)
+    masses = {tuple(np.round(env.unwrapped.model.body_mass, 6)) for env in vec_env.venv.envs}
+    assert len(masses) == len(vec_env.venv.envs)  # each copy drew its own masses
+    assert RLConfig(randomization="mass").randomization_profile().mass_scale == (0.7, 1.3)
+    with pytest.raises(ValueError, match="randomization profile 'lava' is not defined"):
+        RLConfig(randomization="lava").check()
