@@ -194,3 +194,43 @@ def test_the_robustness_benchmark_compares_plain_evaluation_with_the_loop(hopper
     # without randomisation the loop in simulated time replays plain evaluation, unless the safety layer stepped in
     if not rows["none"]["loop_simulated"]["safety_interventions"]:
         assert rows["none"]["loop_simulated"]["score"] == pytest.approx(rows["none"]["plain"], abs=1e-3)
+
+
+ARM_MODULE = '''
+from kinema.sim2real.control_loop import MonotonicClock
+from kinema.sim2real.robot import RobotError
+from kinema.sim2real.simulated_robot import SimulatedRobot
+from kinema.sim2real.virtual_robot import VirtualRobotConfig
+
+
+class FlakyArm(SimulatedRobot):
+    """A robot of the user's own: hopper in this process at wall-clock rate, whose link drops after some observations."""
+
+    def __init__(self, fail_after: int):
+        super().__init__(VirtualRobotConfig(task="hopper"), MonotonicClock())
+        self.fail_after, self.seen = fail_after, 0
+
+    def get_observation(self, timeout_s):
+        self.seen += 1
+        if self.seen > self.fail_after:
+            raise RobotError("link down")
+        return super().get_observation(timeout_s)
+'''
+
+
+def test_a_robot_class_of_your_own_runs_and_a_lost_robot_exits_non_zero_with_its_report(hopper_checkpoints, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "my_arm.py").write_text(ARM_MODULE)
+    run_dir = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "kinema-deploy"), f"checkpoint={hopper_checkpoints['bc']}", "robot=my_arm:FlakyArm",
+               "+robot_options.fail_after=40", "duration_s=5", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1"))
+    assert out.returncode == 1, out.stderr
+    assert "kinema-deploy: robot_lost: link down" in out.stderr
+    report = json.loads((run_dir / "deploy_report.json").read_text())
+    assert report["final_state"] == "robot_lost" and report["robot"] == "my_arm:FlakyArm" and 30 <= report["ticks"] <= 40
+    assert report["safety_interventions"]["estop"] == 1
