@@ -64,6 +64,7 @@ class ChunkInference:
         self.error: BaseException | None = None
         self.last_request: int | None = None
         self.current: int | None = None
+        self.episode_start = 0  # the first step of the current episode: chunks asked for before it are dropped
         self.delays: deque[int] = deque(maxlen=DELAY_WINDOW)
         self.compute_seconds: list[float] = []
         self.chunks = 0
@@ -96,6 +97,7 @@ class ChunkInference:
     def submit(self, job: InferenceJob) -> None:
         if job.new_episode:
             self._reset_episode()
+            self.episode_start = job.sequence
             self.history.extend([job.values] * self.n_obs_steps)  # padded the way the policy was trained
         else:
             self.history.append(job.values)
@@ -135,6 +137,8 @@ class ChunkInference:
         start = result.sequence
         asked = self.requested_at.pop(start, result.started)
         committed_length = self.committed_lengths.pop(start, 0)
+        if start < self.episode_start:  # computed from the previous episode's observations
+            return
         self.delays.append(max(1, math.ceil((self.clock.now() - asked) / self.period_s - 1e-9)))
         self.compute_seconds.append(result.finished - result.started)
         number = self.chunks

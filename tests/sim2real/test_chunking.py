@@ -129,3 +129,20 @@ def test_bad_chunking_settings_are_refused():
         ChunkInference(ScriptedChunkPolicy(), PERIOD, mode="blend", clock=FakeClock(), threaded=False)
     with pytest.raises(ValueError, match="has no chunk-level call"):
         ChunkInference(SimpleNamespace(name="bc"), PERIOD, clock=FakeClock(), threaded=False)
+
+
+def test_a_chunk_from_the_previous_episode_is_dropped():
+    clock = FakeClock()
+    robot = ScriptedRobot(clock, episode_steps=5)
+    policy = ScriptedChunkPolicy()
+    inference = ChunkInference(policy, PERIOD, mode="replace", clock=clock, threaded=False, delay_s=2 * PERIOD)
+    loop = ControlLoop(robot, inference, SafetyLayer(robot.spec, SafetyConfig(max_action_change=None)),
+                       LoopConfig(rate_hz=RATE, duration_s=20 / RATE), clock=clock)
+    loop.run()
+    starts = [start for start, _ in policy.calls]
+    episode_of = lambda step: step // 6  # 5 steps and the terminal observation per episode  # noqa: E731
+    served = {step for step, _ in inference.served}
+    sent = {sequence: action for sequence, action in robot.sent if sequence in served}
+    # a chunk asked for in one episode and arriving in the next (every 2-tick chunk crossing an episode end) never serves it
+    assert any(episode_of(start) != episode_of(start + 2) for start in starts)
+    assert all(episode_of(starts[int(round(action[1] * 100))]) == episode_of(step) for step, action in sent.items())
