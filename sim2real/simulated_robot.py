@@ -75,7 +75,8 @@ class SimulatedRobot(Robot):
 
     def get_observation(self, timeout_s: float) -> RobotObservation | None:
         until = self.clock.now() + timeout_s
-        newest = self._advance_to(self.clock.now())
+        newest = self._advance_to(self.clock.now()) or self.latest  # or one published during a late send_action
+        self.latest = None
         if newest is None and (self.running or self.reset_seed is not None) and self.next_step <= until:
             self.clock.sleep_until(self.next_step)
             newest = self._advance_to(self.next_step)
@@ -84,7 +85,8 @@ class SimulatedRobot(Robot):
         return newest
 
     def send_action(self, action: np.ndarray, sequence: int) -> None:
-        self._advance_to(self.clock.now())  # steps due before this moment used the previous action
+        # steps due before this moment used the previous action; what they published is read next
+        self.latest = self._advance_to(self.clock.now()) or self.latest
         self.action, self.action_for = np.asarray(action, dtype=np.float64), sequence
 
     def estop(self) -> None:
