@@ -354,8 +354,9 @@ class Policy(nn.Module):
         actions (N, act_dim), updating the rollout's state in place with tensor operations only (no host
         synchronisation, numpy or branch on device values), so a runtime can capture it in a CUDA graph.
         Valid from ``reset`` to the next ``reset``. Several when the family switches paths on host-side
-        counts (DT: decode or recompute): :meth:`next_step_function` names the one to run, and
-        :meth:`count_step` records a step taken outside ``act``. Empty: served through ``act`` only.
+        counts (DT: decode or recompute): :meth:`next_step_function`, called once before each step, names
+        the one to run and fills its host-drawn inputs (the diffusion policy's noise), and :meth:`count_step`
+        records a step taken outside ``act``. Empty: served through ``act`` only.
         """
         return {}
 

@@ -428,42 +428,146 @@ class DiffusionPolicy(Policy):
             unit = state.next_ensembled_actions()
         return self.unnormalize_actions(unit)
 
+    # -- the per-step computation as pure tensor functions (Policy.step_functions) -------------------
+    def step_functions(self) -> dict[str, Any]:
+        """``sample`` and ``pop`` (receding) or ``ensemble``, DDIM only: DPM-Solver++ is multistep, its
+        history kept by diffusers' scheduler on the host, so it is served through ``act``."""
+        state = self._state("step_functions")
+        if self.inference.sampler != "ddim":
+            return {}
+        state.build_fixed_sampler()
+
+        def wrap(step: Any) -> Any:
+            return lambda observations: self.unnormalize_actions(step(self.normalize_obs(observations)))
+
+        if self.inference.execution == "ensemble":
+            return {"ensemble": wrap(state.ensemble_step)}
+        return {"sample": wrap(state.sample_step), "pop": wrap(state.pop_step)}
+
+    def next_step_function(self) -> str:
+        """The step to run next; its noise is drawn now, from the sampling environments' generators."""
+        state = self._state("next_step_function")
+        name = state.next_step_name()
+        state.fill_noise(name)
+        return name
+
+    def count_step(self) -> None:
+        self._state("count_step").count_step()
+
+    def rollout_buffers(self) -> list[Any]:
+        return self._state("rollout_buffers").buffers()
+
+
+class FixedDDIM:
+    """DDIM's update at a fixed number of steps as tensor arithmetic only, for the step functions.
+
+    diffusers' ``DDIMScheduler.step`` reads the timestep on the host (``prev_timestep >= 0``), which a
+    CUDA graph, ``torch.compile`` without graph breaks or an ONNX export cannot hold; this table takes
+    the schedule from that scheduler once (timesteps, cumulative alphas) and repeats its arithmetic in
+    its order, so the chunks are bit-identical to ``sample_chunks`` (tests/policies/test_diffusion.py).
+    """
+
+    def __init__(self, scheduler: Any, num_steps: int, eta: float, prediction_type: str, clip_sample: bool,
+                 device: torch.device):
+        scheduler.set_timesteps(num_steps, device=device)
+        self.timesteps = scheduler.timesteps.clone()
+        self.eta, self.prediction_type, self.clip_sample = float(eta), prediction_type, clip_sample
+        jump = scheduler.config.num_train_timesteps // num_steps
+        alphas = scheduler.alphas_cumprod.cpu()
+        self.coefficients = []  # per step: 0-d tensors computed as diffusers computes them
+        for timestep in self.timesteps.tolist():
+            alpha = alphas[timestep]
+            previous = timestep - jump
+            alpha_previous = alphas[previous] if previous >= 0 else scheduler.final_alpha_cumprod.cpu()
+            beta = 1 - alpha
+            variance = ((1 - alpha_previous) / beta) * (1 - alpha / alpha_previous)
+            std_dev = self.eta * variance ** 0.5
+            values = {"sqrt_alpha": alpha ** 0.5, "sqrt_beta": beta ** 0.5, "sqrt_alpha_previous": alpha_previous ** 0.5,
+                      "direction": (1 - alpha_previous - std_dev ** 2) ** 0.5, "std_dev": std_dev}
+            self.coefficients.append({name: value.to(device) for name, value in values.items()})
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.coefficients)
+
+    def step(self, index: int, model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """The chunk after denoising step ``index`` (DDIM's formula 12, with diffusers' clipping of the clean chunk)."""
+        c = self.coefficients[index]
+        if self.prediction_type == "epsilon":
+            clean = (sample - c["sqrt_beta"] * model_output) / c["sqrt_alpha"]
+            epsilon = model_output
+        else:
+            clean = model_output
+            epsilon = (sample - c["sqrt_alpha"] * clean) / c["sqrt_beta"]
+        if self.clip_sample:
+            clean = clean.clamp(-1.0, 1.0)
+        previous = c["sqrt_alpha_previous"] * clean + c["direction"] * epsilon
+        if self.eta > 0:
+            previous = previous + c["std_dev"] * noise
+        return previous
+
 
 class _ChunkRollout:
-    """Per-environment observation history, queued chunk (receding) or ensemble sums (ensemble)."""
+    """Per-environment observation history, queued chunk (receding) or ensemble sums (ensemble).
+
+    The device state (:attr:`TENSOR_STATE`) changes in place through tensor operations only, so the
+    step functions can be captured or exported. The queue positions have a host copy: ``act`` samples
+    only the environments whose queue is empty, and a runtime chooses between the ``sample`` and
+    ``pop`` steps without reading the device. The step functions sample every environment at a fixed
+    shape and keep the chunks of those whose queue is empty; their noise is drawn on the host into
+    ``chunk_noise`` (and ``step_noise`` when eta > 0) by :meth:`fill_noise`, from each environment's
+    own generator, as ``act`` draws it.
+    """
+
+    TENSOR_STATE = ("history", "started", "queue", "queue_position", "ensemble_sum", "ensemble_weight", "ensemble_count")
 
     def __init__(self, policy: DiffusionPolicy, num_envs: int):
         config, device = policy.config, policy.device
         self.policy, self.num_envs = policy, num_envs
         act_dim = policy.spec.act_dim
         self.history = torch.zeros(num_envs, config.n_obs_steps, policy.spec.obs_dim, device=device)
-        self.started = np.zeros(num_envs, dtype=bool)  # an observation arrived since reset / end_episode
+        self.started = torch.zeros(num_envs, dtype=torch.bool, device=device)  # an observation arrived since reset / end_episode
         self.n_action_steps = policy.inference.n_action_steps or config.n_action_steps
         self.queue = torch.zeros(num_envs, self.n_action_steps, act_dim, device=device)
-        self.queue_position = np.full(num_envs, self.n_action_steps)  # == n_action_steps: empty
+        self.queue_position = torch.full((num_envs,), self.n_action_steps, dtype=torch.int64, device=device)  # == n_action_steps: empty
+        self.host_queue_position = np.full(num_envs, self.n_action_steps)
+        self.rows = torch.arange(num_envs, device=device)
         steps = config.executable_steps
         self.ensemble_sum = torch.zeros(num_envs, steps, act_dim, device=device)
         self.ensemble_weight = torch.zeros(num_envs, steps, device=device)
         self.ensemble_count = torch.zeros(num_envs, steps, device=device)
+        self.chunk_noise = torch.zeros(num_envs, config.horizon, act_dim, device=device)
+        self.step_noise = torch.zeros(0, num_envs, config.horizon, act_dim, device=device)
+        self.ddim: Optional[FixedDDIM] = None  # built by step_functions
 
     def clear(self, index: np.ndarray) -> None:
-        self.started[index] = False
-        self.queue_position[index] = self.n_action_steps
-        rows = torch.as_tensor(index, device=self.ensemble_sum.device)
+        rows = torch.as_tensor(index, device=self.history.device)
+        self.started[rows] = False
+        self.queue_position[rows] = self.n_action_steps
+        self.host_queue_position[index] = self.n_action_steps
         self.ensemble_sum[rows] = 0.0
         self.ensemble_weight[rows] = 0.0
         self.ensemble_count[rows] = 0.0
 
+    def buffers(self) -> list[Any]:
+        """Everything a step, a noise draw or an episode end changes (see ``Policy.rollout_buffers``)."""
+        return [*self.tensor_state(), self.chunk_noise, self.step_noise, self.host_queue_position]
+
+    def tensor_state(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.TENSOR_STATE]
+
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        """Use ``tensors`` (as :meth:`tensor_state` lists them) as the state from now on (the ONNX exporter)."""
+        for name, tensor in zip(self.TENSOR_STATE, tensors):
+            setattr(self, name, tensor)
+
     def push_observations(self, normalized: torch.Tensor) -> None:
         """Slide each history by one; an environment's first observation fills its whole history (training's padding)."""
-        self.history = torch.cat([self.history[:, 1:], normalized[:, None]], dim=1)
-        fresh = np.flatnonzero(~self.started)
-        if len(fresh):
-            rows = torch.as_tensor(fresh, device=normalized.device)
-            self.history[rows] = normalized[rows, None].expand(-1, self.history.shape[1], -1)
-            self.started[fresh] = True
+        slid = torch.cat([self.history[:, 1:], normalized[:, None]], dim=1)
+        self.history.copy_(torch.where(self.started[:, None, None], slid, normalized[:, None].expand_as(slid)))
+        self.started.fill_(True)
 
-    def noise(self, index: np.ndarray) -> torch.Tensor:
+    def draw_noise(self, index: np.ndarray) -> torch.Tensor:
         """Standard normal (len(index), T, A) drawn from those environments' own generators only.
 
         ``Policy.episode_noise`` draws for every slot; here only the environments that sample a chunk
@@ -478,23 +582,37 @@ class _ChunkRollout:
     def sample(self, index: np.ndarray) -> torch.Tensor:
         """Normalised chunks (len(index), T, A) for those environments, from their own noise generators."""
         rows = torch.as_tensor(index, device=self.history.device)
-        return self.policy.sample_chunks(self.history[rows], self.noise(index), step_noise=lambda _: self.noise(index))
+        return self.policy.sample_chunks(self.history[rows], self.draw_noise(index), step_noise=lambda _: self.draw_noise(index))
+
+    def pop_actions(self) -> torch.Tensor:
+        """Each environment's next queued action; an empty queue (just refilled) starts from its first."""
+        self.queue_position.masked_fill_(self.queue_position >= self.n_action_steps, 0)
+        actions = self.queue[self.rows, self.queue_position]
+        self.queue_position.add_(1)
+        return actions
+
+    def count_step(self) -> None:
+        """The host copy of :meth:`pop_actions`' position update."""
+        positions = self.host_queue_position
+        positions[positions >= self.n_action_steps] = 0
+        positions += 1
 
     def next_receding_actions(self) -> torch.Tensor:
-        empty = np.flatnonzero(self.queue_position >= self.n_action_steps)
+        empty = np.flatnonzero(self.host_queue_position >= self.n_action_steps)
         if len(empty):
             first = self.policy.config.n_obs_steps - 1
             chunks = self.sample(empty)
             self.queue[torch.as_tensor(empty, device=self.queue.device)] = chunks[:, first : first + self.n_action_steps]
-            self.queue_position[empty] = 0
-        positions = torch.as_tensor(self.queue_position, device=self.queue.device)
-        actions = self.queue[torch.arange(self.num_envs, device=self.queue.device), positions]
-        self.queue_position += 1
+        actions = self.pop_actions()
+        self.count_step()
         return actions
 
     def next_ensembled_actions(self) -> torch.Tensor:
         first = self.policy.config.n_obs_steps - 1
-        predictions = self.sample(np.arange(self.num_envs))[:, first:]  # (N, steps, A); entry 0 is for this step
+        return self.ensemble(self.sample(np.arange(self.num_envs))[:, first:])
+
+    def ensemble(self, predictions: torch.Tensor) -> torch.Tensor:
+        """Add this step's predictions (N, steps, A; entry 0 is for this step) and return the weighted means for this step."""
         weights = torch.exp(-self.policy.inference.ensemble_decay * self.ensemble_count)
         self.ensemble_sum += weights.unsqueeze(-1) * predictions
         self.ensemble_weight += weights
@@ -505,3 +623,58 @@ class _ChunkRollout:
             buffer[:] = torch.roll(buffer, -1, dims=1)
             buffer[:, -1] = 0.0
         return actions
+
+    # -- the step functions: fixed shapes, every environment sampled, noise filled beforehand -----------
+    def build_fixed_sampler(self) -> None:
+        policy, options = self.policy, self.policy.inference
+        self.ddim = FixedDDIM(policy._sampling_scheduler(), options.num_inference_steps, options.eta,
+                              policy.config.prediction_type, policy.config.clip_sample, policy.device)
+        steps = self.ddim.num_steps if options.eta > 0 else 0
+        if self.step_noise.shape[0] != steps:
+            self.step_noise = torch.zeros(steps, *self.chunk_noise.shape, device=self.chunk_noise.device)
+
+    def sampled_chunks(self) -> torch.Tensor:
+        """Normalised chunks (N, T, A) for every environment from the filled noise: ``sample_chunks``' arithmetic."""
+        policy, ddim = self.policy, self.ddim
+        denoiser = policy.denoiser
+        modulations = denoiser.condition(denoiser.encode_observations(self.history), ddim.timesteps[:, None])
+        chunk = self.chunk_noise
+        for index in range(ddim.num_steps):
+            predicted = denoiser.denoise(chunk, modulations[index], policy.inference.attention_backend)
+            chunk = ddim.step(index, predicted, chunk, self.step_noise[index] if ddim.eta > 0 else None)
+        return chunk.clamp(-1.0, 1.0)
+
+    def sample_step(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Receding horizon, some queue empty: every environment samples; those with an empty queue keep the chunk."""
+        self.push_observations(normalized)
+        first = self.policy.config.n_obs_steps - 1
+        chunks = self.sampled_chunks()[:, first : first + self.n_action_steps]
+        empty = (self.queue_position >= self.n_action_steps)[:, None, None]
+        self.queue.copy_(torch.where(empty, chunks, self.queue))
+        return self.pop_actions()
+
+    def pop_step(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Receding horizon, no queue empty: the next queued actions."""
+        self.push_observations(normalized)
+        return self.pop_actions()
+
+    def ensemble_step(self, normalized: torch.Tensor) -> torch.Tensor:
+        self.push_observations(normalized)
+        first = self.policy.config.n_obs_steps - 1
+        return self.ensemble(self.sampled_chunks()[:, first:])
+
+    def next_step_name(self) -> str:
+        if self.policy.inference.execution == "ensemble":
+            return "ensemble"
+        return "sample" if (self.host_queue_position >= self.n_action_steps).any() else "pop"
+
+    def fill_noise(self, name: str) -> None:
+        """Draw the noise the step ``name`` consumes, for the environments that sample, in ``act``'s order
+        (each environment's initial noise, then per denoising step)."""
+        if name == "pop":
+            return
+        index = np.arange(self.num_envs) if name == "ensemble" else np.flatnonzero(self.host_queue_position >= self.n_action_steps)
+        rows = torch.as_tensor(index, device=self.chunk_noise.device)
+        self.chunk_noise[rows] = self.draw_noise(index)
+        for step_noise in self.step_noise:
+            step_noise[rows] = self.draw_noise(index)

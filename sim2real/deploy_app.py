@@ -150,6 +150,13 @@ def make_inference(settings: dict[str, Any], runtime: Any, served: Any, period_s
                           delay_s=float(settings["injected_delay_ticks"]) * period_s)
 
 
+def serving_path(serving: str, runtime: Any) -> str:
+    """What computed the actions: a chunked policy's chunk-level call (``chunk_queue``), ONNX Runtime, or the runtime's path."""
+    if hasattr(runtime.policy, "predict_chunk"):
+        return "chunk_queue"
+    return "onnxruntime" if serving == "onnxruntime" else runtime.path
+
+
 def set_realtime(wanted: bool, cores: list[int] | None) -> dict[str, Any]:
     """Ask for SCHED_FIFO and pinning; what was granted, with a warning for each refusal."""
     granted: dict[str, Any] = {"realtime": False, "cpu_affinity": None}
@@ -214,7 +221,7 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             report["robot_counts"] = {"unavailable": str(error)}
     report["episode_normalized_scores"] = _scores(report["episode_returns"], task)
     report.update({"checkpoint": str(settings["checkpoint"]), "task": task, "robot": settings["robot"],
-                   "serving_path": "onnxruntime" if serving == "onnxruntime" else runtime.path, "scheduling": scheduling,
+                   "serving_path": serving_path(serving, runtime), "scheduling": scheduling,
                    "settings": settings, "machine": machine_info(), "torch_threads": torch.get_num_threads()})
     if recorder is not None:
         written = recorder.write(run_dir / "deploy.hdf5")

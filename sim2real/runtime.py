@@ -3,12 +3,13 @@
 :class:`PolicyRuntime` loads a checkpoint (EMA weights where saved), starts ``batch_size`` rollouts
 and preallocates the observation buffer. On a CUDA device it captures each of the policy's pure
 per-step functions (``Policy.step_functions``: DT's decode and, for exact full-context models,
-recompute; BC's, BoT's and PPO's forward) in a CUDA graph with static input, output and state
+recompute; the diffusion policy's chunk sampling and queue pop; BC's, BoT's and PPO's forward) in a CUDA graph with static input, output and state
 buffers, and replays them; nothing is captured again after warm-up, and an input of another shape is
 refused rather than silently re-captured. On a CPU it calls the same step functions eagerly, or
 compiled by ``torch.compile`` (``compile=True``: compiled during warm-up, tens of seconds; a recompile
-afterwards raises, and changing torch's thread count after warm-up is one: set it first). A family without step functions (the diffusion policy: its chunk queue lives on
-the host) is served through ``act``.
+afterwards raises, and changing torch's thread count after warm-up is one: set it first). A policy
+without step functions (the diffusion policy with DPM-Solver++, whose multistep history lives in
+diffusers' scheduler) is served through ``act``.
 
 Warm-up and capture run the steps on zero observations; the rollout's state is snapshotted before
 and restored after (``Policy.rollout_buffers``), in place, so the first served action is exactly what

@@ -84,6 +84,28 @@ def test_ddim_with_every_training_step_and_eta_one_samples_like_ddpm() -> None:
     assert abs(deterministic.mean().item() - mean) < 0.02 and 0.5 * std < deterministic.std().item() < std
 
 
+@pytest.mark.parametrize("prediction_type, eta", [("sample", 0.0), ("epsilon", 0.0), ("sample", 1.0), ("epsilon", 0.5)])
+def test_the_fixed_step_ddim_of_the_step_functions_is_diffusers_step_bit_for_bit(prediction_type: str, eta: float) -> None:
+    """FixedDDIM repeats DDIMScheduler.step's arithmetic from a precomputed table (no host-side branch on
+    the timestep): the same chunk, to the bit, at every step of a 10-step and a 7-step schedule."""
+    from kinema.policies.diffusion import FixedDDIM
+
+    config = DiffusionConfig(prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    for steps in (10, 7):
+        reference, table = make_noise_scheduler(config, "ddim"), make_noise_scheduler(config, "ddim")
+        fixed = FixedDDIM(table, steps, eta, prediction_type, True, torch.device("cpu"))
+        reference.set_timesteps(steps)
+        assert torch.equal(fixed.timesteps, reference.timesteps)
+        sample = torch.randn(3, 6, 2, generator=generator)
+        expected = sample.clone()
+        for index, timestep in enumerate(reference.timesteps):
+            output, noise = torch.randn(3, 6, 2, generator=generator) * 1.5, torch.randn(3, 6, 2, generator=generator)
+            expected = reference.step(output, timestep, expected, eta=eta, variance_noise=noise).prev_sample
+            sample = fixed.step(index, output, sample, noise)
+            assert torch.equal(sample, expected), (steps, index)
+
+
 def test_the_denoiser_learns_both_modes_of_a_bimodal_action_where_bc_averages_them() -> None:
     """One observation, two equally likely actions (+0.7 and -0.7): BC's mean squared error lands
     between them; the diffusion policy's samples land on both."""

@@ -79,7 +79,7 @@ def hopper_checkpoints(cli, hopper_random_hdf5, tmp_path_factory) -> dict[str, P
 
 
 @pytest.mark.parametrize("family, serving, path", [("bc", "onnxruntime", "onnxruntime"), ("dt", "compiled", "compiled"),
-                                                    ("diffusion", "runtime", "act")])
+                                                    ("diffusion", "runtime", "chunk_queue")])
 def test_kinema_deploy_drives_the_virtual_robot_and_writes_report_plot_and_recording(cli, hopper_checkpoints, tmp_path, family,
                                                                                       serving, path):
     from kinema.datasets import load_dataset
