@@ -192,7 +192,7 @@ def run_bench(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             cold = cold_start_seconds(settings, path, onnx_file if path == "onnxruntime" else None, int(settings["cold_start_runs"]))
             entry["cold_start_s"] = {"median": round(statistics.median(cold), 3), "runs": [round(c, 3) for c in cold]}
         results[path] = entry
-        print(f"kinema-bench: {path}: p50 {entry['latency_ms']['median_ms']:.3f} ms", flush=True)
+        print(f"kinema-bench: {path}: p50 {entry['latency_ms']['median_ms']:.3f} ms, mean {entry['latency_ms']['mean_ms']:.3f} ms", flush=True)
     report = {"checkpoint": str(settings["checkpoint"]), "settings": settings, "machine": machine_info(),
               "torch_threads": torch.get_num_threads(), "cpu_affinity": pin_process(None), "paths": results}
     (run_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -205,15 +205,15 @@ def print_report(report: dict[str, Any]) -> None:
     rows = []
     for path, entry in report["paths"].items():
         if "skipped" in entry:
-            rows.append([path, "-", "-", "-", "-", entry["skipped"]])
+            rows.append([path, "-", "-", "-", "-", "-", entry["skipped"]])
             continue
         latency = entry["latency_ms"]
-        rows.append([path, f"{latency['median_ms']:.3f}", f"{latency['p99_ms']:.3f}", f"{entry['max_ms']:.3f}",
+        rows.append([path, f"{latency['median_ms']:.3f}", f"{latency['mean_ms']:.3f}", f"{latency['p99_ms']:.3f}", f"{entry['max_ms']:.3f}",
                      f"{entry['cold_start_s']['median']:.2f}" if "cold_start_s" in entry else "-", entry.get("runtime_path", "")])
     machine = report["machine"]
     print(f"kinema-bench: {report['checkpoint']}, batch {report['settings']['batch']}, {report['settings']['threads']} thread(s), "
           f"cores {report['cpu_affinity']}, {machine['cpu_model']} ({machine['torch_cpu_capability']})")
-    print_table(["path", "p50 ms", "p99 ms", "max ms", "cold start s", "note"], rows)
+    print_table(["path", "p50 ms", "mean ms", "p99 ms", "max ms", "cold start s", "note"], rows)
 
 
 @hydra.main(config_path=BENCH_CONFIG_DIR, config_name="bench", version_base=HYDRA_VERSION_BASE)

@@ -94,7 +94,7 @@ def export_onnx(checkpoint: str | Path, path: str | Path, batch_size: int = 1, t
     host_inputs: dict[str, torch.Tensor] = {}
     functions = runtime.functions
     if policy.stateless:
-        module, example, inputs, outputs = _StepModule(policy), (observations,), ["observations"], ["actions"]
+        module, example, inputs, outputs = _StepModule(policy).eval(), (observations,), ["observations"], ["actions"]
     else:
         rollout = policy.__dict__.get("_rollout")
         if not functions or not hasattr(rollout, "adopt"):
@@ -123,7 +123,7 @@ def export_onnx(checkpoint: str | Path, path: str | Path, batch_size: int = 1, t
     try:
         for function, graph_path in graphs.items():
             if state_spec:
-                module = _StatefulStepModule(policy, function, list(host_inputs))
+                module = _StatefulStepModule(policy, function, list(host_inputs)).eval()
             with torch.no_grad():
                 torch.onnx.export(module, example, str(graph_path), input_names=inputs, output_names=outputs,
                                   opset_version=OPSET, dynamo=True, verbose=False)

@@ -5,6 +5,7 @@ No timings are asserted: benchmarks measure, tests check that they run and say w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -459,9 +460,11 @@ def test_rl_quality_refuses_bad_options_before_any_work(tmp_path: Path, capsys) 
 def test_diffusion_speed_json(tmp_path: Path) -> None:
     from kinema.benchmarks import diffusion_speed
 
-    data = diffusion_speed.main(["--quick", "--no-peer", "--out", str(tmp_path / "diffusion_speed.json")])
+    onnx = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
+    data = diffusion_speed.main(["--quick", "--no-peer", "--onnx-max-steps", "2", "--out", str(tmp_path / "diffusion_speed.json")])
     check_record(json.loads((tmp_path / "diffusion_speed.json").read_text()), "diffusion_speed")
     assert [(e["steps"], e["batch"], e["threads"]) for e in data["results"]] == [(2, 1, 1), (10, 1, 1)]
+    assert ["onnx_chunk" in e for e in data["results"]] == [onnx, False]  # exported up to --onnx-max-steps only
     for entry in data["results"]:
         assert entry["chunk"]["count"] == entry["cycle"]["count"] == 3
         assert entry["actions_per_s_receding"] > entry["actions_per_s_ensemble"] > 0  # 8 actions per chunk against 1
