@@ -106,6 +106,9 @@ def onnx_chunk_call(path: Path, threads: int) -> Callable[[], float]:
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # ONNX Runtime's pool threads spin after a run by default; interleaved with PyTorch's variants that
+    # would steal a core from them
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     description = json.loads(path.with_suffix(".onnx.json").read_text())
     rng = np.random.default_rng(0)
