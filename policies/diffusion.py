@@ -27,7 +27,9 @@ chunk's prediction for the current step (ACT's temporal ensembling: the k-th old
 weighs exp(-ensemble_decay * k)). An environment's noise comes from its own generator
 (``Policy.seed_episodes``), so scores do not depend on how many environments run together.
 :meth:`DiffusionPolicy.predict_chunk` is the chunk-level call (an observation history and,
-optionally, already-committed actions that the chunk must keep, by inpainting).
+optionally, already-committed actions that the chunk must keep, by inpainting). For the inference
+runtime (CUDA graphs, ``torch.compile``, ONNX), the rollout is also a set of pure step functions
+(``step_functions``: ``sample`` and ``pop``, or ``ensemble``; DDIM only).
 """
 
 from __future__ import annotations
