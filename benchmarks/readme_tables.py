@@ -467,6 +467,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "latency": latency_section,
     "serving/dt/bench": serving_section,
     "serving/bc/bench": serving_section,
+    "serving/bot/bench": serving_section,
     "serving/diffusion/bench": serving_section,
     "eval_throughput": eval_throughput_section,
     "quality": quality_section,
