@@ -122,13 +122,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--snapshot-every", type=int, default=20480, help="evaluate every N steps (a multiple of 4096)")
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--status", action="store_true", help="only rebuild rl_quality.json and rl_quality.png from disk")
-    parser.add_argument("--quick", action="store_true", help="smoke run: hopper, 1 seed, 8192 steps, 2 episodes")
+    parser.add_argument("--quick", action="store_true", help="smoke run: hopper, 1 seed, 4096 steps, 2 episodes")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results/ in a checkout")
     args = parser.parse_args(argv)
     if args.quick:
         if args.results_dir is None:  # smoke runs never mix into the committed results
             parser.error("--quick needs --results-dir DIR (its runs differ from the committed ones)")
-        args.tasks, args.seeds, args.steps, args.snapshot_every, args.eval_episodes = "hopper", 1, 8192, 4096, 2
+        args.tasks, args.seeds, args.steps, args.snapshot_every, args.eval_episodes = "hopper", 1, 4096, 4096, 2
     require_positive(parser, args, ("seeds", "steps", "snapshot_every", "eval_episodes"))
     results = results_dir_or_error(parser, args.results_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
