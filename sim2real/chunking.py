@@ -36,6 +36,11 @@ MODES = ("sync", "replace", "ensemble", "inpaint")
 DELAY_WINDOW = 10  # chunks over which the inference delay is measured (its maximum, in ticks)
 
 
+def serves_chunks(policy: Any) -> bool:
+    """Whether a policy is served through the chunk queue below: it has a chunk-level call."""
+    return hasattr(policy, "predict_chunk")
+
+
 class ChunkInference:
     """Serves a chunked policy tick by tick for one robot; see the module docstring."""
 

@@ -129,22 +129,25 @@ def make_robot(settings: dict[str, Any], task: str) -> Any:
     return robot_class(**settings["robot_options"])
 
 
+def check_serving(settings: dict[str, Any], policy_name: str, chunked: bool) -> None:
+    """Refuse serving options that do not apply to the policy, before anything is built."""
+    if not chunked and (settings["chunking"] is not None or settings["injected_delay_ticks"]):
+        raise ValueError(f"chunking and injected_delay_ticks apply to chunked policies; the {policy_name!r} policy acts step by step")
+    if chunked and settings["serving"] not in ("runtime", "act"):
+        raise ValueError(f"serving={settings['serving']}: the {policy_name!r} policy is served through its chunk-level call; "
+                         "use serving=runtime")
+
+
 def make_inference(settings: dict[str, Any], runtime: Any, served: Any, period_s: float) -> Any:
     """Per-step inference of ``served`` (the runtime, or its ONNX export) in a worker thread, or, for a chunked
     policy, the chunk queue (kinema.sim2real.chunking)."""
     import torch
 
-    from kinema.sim2real.chunking import ChunkInference
+    from kinema.sim2real.chunking import ChunkInference, serves_chunks
     from kinema.sim2real.control_loop import PolicyStepper, ThreadedInference
 
-    chunked = hasattr(runtime.policy, "predict_chunk")
-    if not chunked:
-        if settings["chunking"] is not None or settings["injected_delay_ticks"]:
-            raise ValueError(f"chunking and injected_delay_ticks apply to chunked policies; the {runtime.policy.name!r} policy acts step by step")
+    if not serves_chunks(runtime.policy):
         return ThreadedInference(PolicyStepper(served))
-    if settings["serving"] not in ("runtime", "act"):
-        raise ValueError(f"serving={settings['serving']}: the {runtime.policy.name!r} policy is served through its chunk-level call; "
-                         "use serving=runtime")
     torch.manual_seed(int(settings["seed"]))  # the chunks' sampling noise
     return ChunkInference(runtime.policy, period_s, mode=settings["chunking"] or "inpaint",
                           delay_s=float(settings["injected_delay_ticks"]) * period_s)
@@ -152,7 +155,9 @@ def make_inference(settings: dict[str, Any], runtime: Any, served: Any, period_s
 
 def serving_path(serving: str, runtime: Any) -> str:
     """What computed the actions: a chunked policy's chunk-level call (``chunk_queue``), ONNX Runtime, or the runtime's path."""
-    if hasattr(runtime.policy, "predict_chunk"):
+    from kinema.sim2real.chunking import serves_chunks
+
+    if serves_chunks(runtime.policy):
         return "chunk_queue"
     return "onnxruntime" if serving == "onnxruntime" else runtime.path
 
@@ -181,18 +186,24 @@ def run_deploy(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     import torch
 
     from kinema.benchmarks.bench_utils import machine_info
+    from kinema.sim2real.chunking import serves_chunks
     from kinema.sim2real.control_loop import ControlLoop, LoopConfig
     from kinema.sim2real.recording import DeploymentRecorder
     from kinema.sim2real.robot import check_robot_spec
     from kinema.sim2real.runtime import PolicyRuntime
     from kinema.sim2real.safety import SafetyLayer
+    from kinema.train.checkpoint import load_checkpoint
 
     safety_config, _ = check_config(settings)
     torch.set_num_threads(int(settings["threads"]))
     scheduling = set_realtime(bool(settings["realtime"]), settings["pin"])
     serving = settings["serving"]
-    runtime = PolicyRuntime(settings["checkpoint"], batch_size=1, device=settings["device"], attention_backend=settings["backend"],
-                            target_return=settings["target_return"], step_functions=serving in ("runtime", "compiled"),
+    loaded = load_checkpoint(settings["checkpoint"], device=settings["device"])
+    chunked = serves_chunks(loaded.policy)
+    check_serving(settings, loaded.policy.name, chunked)
+    # A chunked policy is served by the chunk queue, so the runtime builds no step functions for it.
+    runtime = PolicyRuntime(loaded, batch_size=1, device=settings["device"], attention_backend=settings["backend"],
+                            target_return=settings["target_return"], step_functions=serving in ("runtime", "compiled") and not chunked,
                             compile=serving == "compiled", inference=settings["inference"])
     served = runtime
     if serving == "onnxruntime":

@@ -40,7 +40,7 @@ class PolicyRuntime:
                  attention_backend: str | None = None, cuda_graphs: bool | None = None,
                  target_return: float | None = None, warmup_steps: int = WARMUP_STEPS, compile: bool = False,
                  step_functions: bool = True, inference: dict[str, Any] | None = None):
-        from kinema.train.checkpoint import load_checkpoint
+        from kinema.train.checkpoint import LoadedCheckpoint, load_checkpoint
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -48,9 +48,9 @@ class PolicyRuntime:
         if isinstance(checkpoint, Policy):  # a policy in memory (benchmarks, tests); its evaluation target is not known
             self.policy, self.recorded_eval = checkpoint.to(self.device).eval(), {}
             self.source: dict[str, Any] = {"task": None, "checkpoint": None, "step": None}
-        else:
-            loaded = load_checkpoint(checkpoint, device=self.device, use_ema=True)
-            self.policy, self.recorded_eval = loaded.policy.eval(), loaded.config.get("eval") or {}
+        else:  # a checkpoint directory, or one already loaded
+            loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, device=self.device, use_ema=True)
+            self.policy, self.recorded_eval = loaded.policy.to(self.device).eval(), loaded.config.get("eval") or {}
             self.source = {"task": loaded.task, "checkpoint": str(loaded.path), "step": loaded.step}
         overrides = dict(inference or {}, **({"attention_backend": attention_backend} if attention_backend is not None else {}))
         if overrides:  # inference options (e.g. the diffusion policy's num_inference_steps), before warm-up

@@ -157,6 +157,20 @@ def test_bad_deploy_settings_are_refused_naming_the_key(override, message):
         check_config(settings)
 
 
+def test_serving_options_that_do_not_fit_the_policy_are_refused_before_anything_is_built():
+    from dataclasses import asdict
+
+    from kinema.sim2real.deploy_app import DeployConfig, check_serving
+
+    settings = asdict(DeployConfig(checkpoint="somewhere"))
+    check_serving(settings, "diffusion", chunked=True)
+    check_serving(settings, "bc", chunked=False)
+    with pytest.raises(ValueError, match="serving=compiled: the 'diffusion' policy is served through its chunk-level call"):
+        check_serving({**settings, "serving": "compiled"}, "diffusion", chunked=True)
+    with pytest.raises(ValueError, match="chunking and injected_delay_ticks apply to chunked policies; the 'bc' policy"):
+        check_serving({**settings, "chunking": "replace"}, "bc", chunked=False)
+
+
 def test_a_robot_class_that_is_not_a_robot_is_refused():
     from kinema.sim2real.deploy_app import make_robot
 
