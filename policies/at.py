@@ -35,6 +35,17 @@ what it learns to improve from), or only on the chain's final, best episode
 (``loss_on="final_trial"``; then relabelled targets equal true returns-to-go and the
 earlier episodes serve as context only).
 
+Relabelling (``relabel``): ``"chain_max"`` (above) gives every trial the chain's best return as
+its target; ``"own_return"`` keeps each trial's true returns-to-go, as DT's windows do, and the
+completion token then turns 1 where a trial reaches its own return.
+
+Trial summary (``trial_summary``, off by default): each step's return token also carries the
+previous trial's return (/ ``rtg_scale``) and length (/ ``max_timestep``), zeros on a first
+trial, so what the context knows of the trial before reaches every window of a trial, not
+only its first K steps, at no extra token. In training it is the chain's episode before the
+step's own (none on a chain's first trial and in fresh-trial windows); at test time
+``end_episode`` writes the trial that ended.
+
 Test time: ``reset(N, target_return=R)`` then several trials per context. The evaluator
 calls ``end_episode(env_indices)`` when a trial ends: unlike DT the context is kept; the
 trial's return-to-go restarts at the target, its timestep at 0 and its completion flag at
@@ -91,6 +102,7 @@ from kinema.policies.base import BatchSpec, require_positive_int
 from kinema.policies.dt import DecisionTransformer, DTConfig, _Rollout
 
 LOSS_ON = ("all", "final_trial")
+RELABEL = ("chain_max", "own_return")
 
 
 @dataclass
@@ -99,6 +111,8 @@ class ATConfig(DTConfig):
     loss_on: str = "all"  # "all" episodes of a chain, or only its "final_trial" (the best)
     max_chain_len: int = 4  # episodes per chain, at most (the chain sampler draws 1..max_chain_len)
     fresh_trial_prob: float = 0.5  # share of windows whose earlier trials are hidden, as before a first trial
+    relabel: str = "chain_max"  # every trial's target: the chain's best return, or its "own_return" (true returns-to-go)
+    trial_summary: bool = False  # the return token also carries the previous trial's return and length
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +124,10 @@ class ATConfig(DTConfig):
             raise ValueError(f"reward_scale must be positive, got {self.reward_scale}")
         if self.loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.relabel not in RELABEL:
+            raise ValueError(f"relabel must be one of {RELABEL}, got {self.relabel!r}")
+        if not isinstance(self.trial_summary, bool):
+            raise ValueError(f"trial_summary must be true or false, got {self.trial_summary!r}")
 
 
 @register_policy
@@ -124,17 +142,27 @@ class AgenticTransformer(DecisionTransformer):
         return self.spec.act_dim + 2  # action, its reward, completion after it
 
     @property
+    def return_features(self) -> int:
+        return 3 if self.config.trial_summary else 1  # return-to-go[, previous trial's return and length]
+
+    @property
     def batch_spec(self) -> BatchSpec:
-        options = {"max_chain_len": self.config.max_chain_len, "fresh_trial_prob": float(self.config.fresh_trial_prob)}
+        options = {"max_chain_len": self.config.max_chain_len, "fresh_trial_prob": float(self.config.fresh_trial_prob),
+                   "relabel": self.config.relabel}
         return BatchSpec("chains", self.config.context_len, options)
 
     def _window_features(self, batch: dict[str, torch.Tensor], unit_actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = [key for key in ("rewards", "completions") if key not in batch]
+        needed = ["rewards", "completions"] + (["previous_trial_return", "previous_trial_length"] if self.config.trial_summary else [])
+        missing = [key for key in needed if key not in batch]
         if missing:
             raise ValueError(f"at loss: the batch lacks {missing}; the Agentic Transformer trains on 'chains' batches")
         outcome = torch.stack((batch["rewards"] / self.config.reward_scale, batch["completions"].to(unit_actions.dtype)), -1)
         action_feats = torch.cat((unit_actions, outcome), dim=-1)
-        return action_feats, (batch["returns_to_go"] / self.config.rtg_scale).unsqueeze(-1)
+        return_feats = [batch["returns_to_go"] / self.config.rtg_scale]
+        if self.config.trial_summary:
+            return_feats += [batch["previous_trial_return"] / self.config.rtg_scale,
+                             batch["previous_trial_length"] / self.config.max_timestep]
+        return action_feats, torch.stack(return_feats, dim=-1).to(unit_actions.dtype)
 
     def _loss_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.config.loss_on == "all":
@@ -169,7 +197,15 @@ class _TrialsRollout(_Rollout):
         self.previous_feats[:, self.act_dim] = rewards / self.config.reward_scale
         self.previous_feats[:, self.act_dim + 1] = self.completed
 
+    def _bind_input_views(self) -> None:
+        super()._bind_input_views()
+        self.trial_summary = self.step_input[:, self.action_features + 1:]  # empty without config.trial_summary
+
     def restart_trial(self, index: torch.Tensor) -> None:
+        if self.config.trial_summary:  # what the new trial knows of the one that ended, as in training
+            length = self.times[index, 1].to(torch.float64)  # the steps taken in the trial
+            summary = (self.trial_returns[index] / self.config.rtg_scale, length / self.config.max_timestep)
+            self.trial_summary[index] = torch.stack(summary, dim=-1).to(self.step_input.dtype)
         super().restart_trial(index)
         self.trial_returns[index] = 0.0
         self.completed[index] = False

@@ -149,7 +149,7 @@ class DecisionTransformer(Policy):
         super().__init__(config, spec, stats)
         dim = config.embed_dim
         self.embed_action = nn.Linear(self.action_features, dim)
-        self.embed_return = nn.Linear(1, dim)
+        self.embed_return = nn.Linear(self.return_features, dim)
         self.embed_state = nn.Linear(spec.obs_dim, dim)
         self.embed_timestep = nn.Embedding(config.max_timestep, dim)
         self.embed_norm = nn.LayerNorm(dim)
@@ -171,11 +171,16 @@ class DecisionTransformer(Policy):
         return self.spec.act_dim
 
     @property
+    def return_features(self) -> int:
+        """Inputs of the return token: the return-to-go (the Agentic Transformer may add a trial summary)."""
+        return 1
+
+    @property
     def batch_spec(self) -> BatchSpec:
         return BatchSpec("windows", self.config.context_len)
 
     def _window_features(self, batch: dict[str, torch.Tensor], unit_actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features of each step's action token (B, K, F), returns-to-go feature (B, K, 1))."""
+        """(features of each step's action token (B, K, F), of its return token (B, K, R), the first R's the return-to-go)."""
         return unit_actions, (batch["returns_to_go"] / self.config.rtg_scale).unsqueeze(-1)
 
     def _loss_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -263,7 +268,7 @@ class DecisionTransformer(Policy):
             total = total + state_mse
             metrics["state_mse"] = state_mse.item()
         if predicted_returns is not None:
-            return_error = (predicted_returns.float() - out["return_feats"]).pow(2).squeeze(-1)
+            return_error = (predicted_returns.float() - out["return_feats"][..., :1]).pow(2).squeeze(-1)
             return_mse = _masked_mean(return_error, aux_mask)
             total = total + return_mse
             metrics["return_mse"] = return_mse.item()
@@ -422,11 +427,10 @@ class _Rollout:
         self.transformer = policy.transformer
         self.targets = torch.as_tensor(targets, dtype=torch.float64, device=device)
         self.returns_to_go = self.targets.clone()
-        # Next group's inputs, one row per env: [previous action features..., return-to-go / scale].
-        features = policy.action_features
-        self.step_input = torch.zeros(n, features + 1, device=device)
-        self.previous_feats = self.step_input[:, :features]
-        self.return_feature = self.step_input[:, features]
+        # Next group's inputs, one row per env: [previous action features..., return-to-go / scale, ...].
+        self.action_features = policy.action_features
+        self.step_input = torch.zeros(n, self.action_features + policy.return_features, device=device)
+        self._bind_input_views()
         self.return_feature.copy_(self.targets / config.rtg_scale)
         self.times = torch.zeros(n, TOKENS_PER_STEP, dtype=torch.long, device=device)  # [t - 1, t, t] per env
         self.context_steps = torch.zeros(n, dtype=torch.long, device=device)  # groups in each context, at most `groups`
@@ -478,9 +482,13 @@ class _Rollout:
         the state in as inputs and reads it back as outputs."""
         for name, tensor in zip(self.TENSOR_STATE, tensors):
             setattr(self, name, tensor)
-        features = self.step_input.shape[1] - 1
-        self.previous_feats, self.return_feature = self.step_input[:, :features], self.step_input[:, features]
+        self._bind_input_views()
         self.cache.rebind(tensors[len(self.TENSOR_STATE)])
+
+    def _bind_input_views(self) -> None:
+        """Named views of ``step_input``'s columns (written in place by the steps)."""
+        features = self.action_features
+        self.previous_feats, self.return_feature = self.step_input[:, :features], self.step_input[:, features]
 
     def count_step(self) -> None:
         """The host-side count of a step just taken (a replayed CUDA graph runs no Python: the caller counts)."""

@@ -6,7 +6,9 @@ One sample:
    rank's shard, each in proportion to its length (as DT windows weigh episodes);
 2. sort the c episodes by ascending total return and lay them end to end;
 3. relabel every episode's target to the chain's maximum return R_max: the
-   return-to-go at step t of episode i is R_max minus what episode i collected before t;
+   return-to-go at step t of episode i is R_max minus what episode i collected before t
+   (``relabel="chain_max"``, the default); with ``relabel="own_return"`` every episode keeps
+   its own return as its target, i.e. its true returns-to-go, as DT's windows do;
 4. cut a window as DT's ``windows`` sampler does: it starts at a uniformly drawn step of
    the chain and runs K = context_len steps or to the chain's end, whichever comes first;
    a shorter window is padded on the left (``mask`` False);
@@ -32,7 +34,11 @@ and unscaled — timesteps restarting at 0 in each episode, mask) a batch holds:
   reward (through that step) reaches R_max, else 0 (sticky, so negative rewards later do
   not clear it); only the best episode of a chain — and ties — ever reach it;
 - ``trial_index`` (B, K) int64: the episode's place in the chain (0 = lowest return);
-- ``final_trial`` (B, K) bool: the step belongs to the chain's last (best) episode.
+- ``final_trial`` (B, K) bool: the step belongs to the chain's last (best) episode;
+- ``previous_trial_return`` and ``previous_trial_length`` (B, K) float: the return and length of
+  the episode before the step's own in the chain, what a test context knows of its last trial;
+  0 on a chain's first trial and in windows whose earlier trials are hidden (a length of 0 says
+  there was none).
 
 Padded steps are zero everywhere (``final_trial`` False). All of it is vectorised numpy
 over the batch; only the one-off prefix maximum at construction loops over episodes.
@@ -49,6 +55,7 @@ from ..store import OfflineDataset
 from . import EpisodeSampler, register_sampler
 
 MAX_REDRAWS = 10
+RELABEL = ("chain_max", "own_return")
 
 
 class ChainSampler(EpisodeSampler):
@@ -65,14 +72,18 @@ class ChainSampler(EpisodeSampler):
         context_len: int = 20,
         max_chain_len: int = 4,
         fresh_trial_prob: float = 0.0,
+        relabel: str = "chain_max",
     ):
         if isinstance(max_chain_len, bool) or not isinstance(max_chain_len, (int, np.integer)) or max_chain_len < 1:
             raise ValueError(f"chains sampler: max_chain_len must be a positive integer, got {max_chain_len!r}")
         if isinstance(fresh_trial_prob, bool) or not isinstance(fresh_trial_prob, (int, float)) or not 0 <= fresh_trial_prob <= 1:
             raise ValueError(f"chains sampler: fresh_trial_prob must be a number in [0, 1], got {fresh_trial_prob!r}")
+        if relabel not in RELABEL:
+            raise ValueError(f"chains sampler: relabel must be one of {RELABEL}, got {relabel!r}")
         super().__init__(dataset, batch_size, seed, rank, world_size, device, context_len)
         self.max_chain_len = int(max_chain_len)
         self.fresh_trial_prob = float(fresh_trial_prob)
+        self.relabel = relabel
         rewards = dataset.rewards.astype(np.float64)
         total = np.cumsum(rewards)
         before_episode = (total - rewards)[dataset.episode_starts]
@@ -85,14 +96,19 @@ class ChainSampler(EpisodeSampler):
             np.maximum.accumulate(self.cumulative[start:end], out=self.prefix_max[start:end])
 
     def _identity(self) -> dict[str, Any]:
-        return {**super()._identity(), "max_chain_len": self.max_chain_len, "fresh_trial_prob": self.fresh_trial_prob}
+        return {**super()._identity(), "max_chain_len": self.max_chain_len, "fresh_trial_prob": self.fresh_trial_prob,
+                "relabel": self.relabel}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict({"relabel": "chain_max", **state})  # states saved before the option existed
 
     def _draw_episodes(self, shape) -> np.ndarray:
         """Episodes of this rank's shard, each drawn in proportion to its length."""
         return self.dataset.episode_index[self.shard_steps[self.rng.integers(0, len(self.shard_steps), size=shape)]]
 
     def chain_steps(self) -> dict[str, np.ndarray]:
-        """Index arrays of one batch: steps, mask, trial, chain_len, chain_total_steps, r_max (all numpy)."""
+        """Index arrays of one batch: steps, mask, trial, chain_len, chain_total_steps, r_max, episodes (the
+        chain's, sorted; unused slots last) and fresh (rows whose earlier trials are hidden), all numpy."""
         data, rng = self.dataset, self.rng
         batch, k, m = self.batch_size, self.context_len, self.max_chain_len
         chain_len = np.minimum(rng.integers(1, m + 1, size=batch), len(self.shard_episodes))
@@ -125,13 +141,14 @@ class ChainSampler(EpisodeSampler):
         trial = (position[:, :, None] >= offsets[:, None, :]).sum(axis=2) - 1
         local = position - np.take_along_axis(offsets, trial, axis=1)
         steps = data.episode_starts[np.take_along_axis(episodes, trial, axis=1)] + local
+        fresh = np.zeros(batch, dtype=bool)
         if self.fresh_trial_prob > 0:  # no draw at 0, so the stream stays that of earlier versions
             # Hide the earlier trials (as left padding): the window then opens on its last trial's start,
             # as the first trial of a test context does.
             fresh = rng.random(batch) < self.fresh_trial_prob
             mask &= ~(fresh[:, None] & (trial < trial[:, -1:]))
         return {"steps": steps, "mask": mask, "trial": trial, "chain_len": chain_len, "chain_total_steps": chain_steps,
-                "r_max": r_max}
+                "r_max": r_max, "episodes": episodes, "fresh": fresh}
 
     def sample(self) -> dict[str, torch.Tensor]:
         index = self.chain_steps()
@@ -145,9 +162,15 @@ class ChainSampler(EpisodeSampler):
 
         rewards = data.rewards[steps]
         collected_before = self.cumulative[steps] - rewards
-        returns_to_go = (r_max[:, None] - collected_before).astype(np.float32)
-        completions = (self.prefix_max[steps] >= r_max[:, None]).astype(np.float32)
+        target = r_max[:, None] if self.relabel == "chain_max" else self.episode_return[data.episode_index[steps]]
+        returns_to_go = (target - collected_before).astype(np.float32)
+        completions = (self.prefix_max[steps] >= target).astype(np.float32)
         final_trial = (trial == (index["chain_len"] - 1)[:, None]) & mask
+        # The trial before each step's own, as the test context saw it; none on a first or fresh trial.
+        previous = np.take_along_axis(index["episodes"], np.maximum(trial - 1, 0), axis=1)
+        has_previous = (trial > 0) & ~index["fresh"][:, None] & mask
+        previous_return = np.where(has_previous, self.episode_return[previous], 0.0).astype(np.float32)
+        previous_length = np.where(has_previous, data.episode_lengths[previous], 0).astype(np.float32)
         return {
             "observations": self.to_tensor(padded(data.observations[steps])),
             "actions": self.to_tensor(padded(data.actions[steps])),
@@ -158,6 +181,8 @@ class ChainSampler(EpisodeSampler):
             "completions": self.to_tensor(padded(completions)),
             "trial_index": self.to_tensor(padded(trial.astype(np.int64))),
             "final_trial": self.to_tensor(final_trial),
+            "previous_trial_return": self.to_tensor(previous_return),
+            "previous_trial_length": self.to_tensor(previous_length),
         }
 
 

@@ -178,3 +178,48 @@ def test_ranks_sample_only_their_shard(dataset) -> None:
     batch = ChainSampler(dataset, 256, seed=0, rank=1, world_size=2, context_len=K).sample()
     steps = batch["observations"][..., 0].long().numpy()[batch["mask"].numpy()]
     assert set(dataset.episode_index[steps].tolist()) == {1, 3, 5}
+
+
+def test_each_step_knows_the_trial_before_its_own_unless_it_is_a_first_or_fresh_trial(dataset) -> None:
+    index = ChainSampler(dataset, 512, seed=5, context_len=K, max_chain_len=3).chain_steps()
+    batch = {key: value.numpy() for key, value in ChainSampler(dataset, 512, seed=5, context_len=K, max_chain_len=3).sample().items()}
+    mask, trial = batch["mask"], batch["trial_index"]
+    previous = np.take_along_axis(index["episodes"], np.maximum(index["trial"] - 1, 0), axis=1)
+    later = mask & (trial > 0)
+    assert later.any() and (mask & (trial == 0)).any()
+    np.testing.assert_allclose(batch["previous_trial_return"][later], dataset.episode_returns[previous][later], rtol=1e-6)
+    np.testing.assert_array_equal(batch["previous_trial_length"][later], dataset.episode_lengths[previous][later])
+    own = dataset.episode_returns[dataset.episode_index[batch["observations"][..., 0].astype(np.int64)]]
+    assert (batch["previous_trial_return"][later] <= own[later] + 1e-4).all()  # the chain's worse trial comes first
+    # Where the window shows the previous trial, its steps are that episode's.
+    steps = batch["observations"][..., 0].astype(np.int64)
+    crossing = later[:, 1:] & (trial[:, 1:] > trial[:, :-1]) & mask[:, :-1]
+    rows, cols = np.nonzero(crossing)
+    assert len(rows) > 10
+    np.testing.assert_array_equal(dataset.episode_index[steps[rows, cols]], previous[rows, cols + 1])
+    for key in ("previous_trial_return", "previous_trial_length"):
+        assert not batch[key][mask & (trial == 0)].any() and not batch[key][~mask].any()
+    # A fresh window plays a first trial: nothing before it.
+    fresh = ChainSampler(dataset, 512, seed=5, context_len=K, max_chain_len=3, fresh_trial_prob=1.0).sample()
+    assert not fresh["previous_trial_return"].any() and not fresh["previous_trial_length"].any()
+
+
+def test_own_return_relabelling_keeps_every_trial_s_true_returns_to_go(dataset) -> None:
+    relabelled = ChainSampler(dataset, 512, seed=6, context_len=K, max_chain_len=3)
+    own = ChainSampler(dataset, 512, seed=6, context_len=K, max_chain_len=3, relabel="own_return")
+    chain_max, batch = relabelled.sample(), own.sample()
+    torch.testing.assert_close(batch["observations"], chain_max["observations"])  # the same windows, other targets
+    batch = {key: value.numpy() for key, value in batch.items()}
+    mask = batch["mask"]
+    episode = dataset.episode_index[batch["observations"][..., 0].astype(np.int64)]
+    collected_before = batch["timesteps"] * np.asarray(REWARDS)[episode]
+    np.testing.assert_allclose((batch["returns_to_go"] + collected_before)[mask], dataset.episode_returns[episode][mask], atol=1e-4)
+    # Positive rewards: every episode completes (reaches its own return) on its last step only.
+    last_step = batch["timesteps"] == dataset.episode_lengths[episode] - 1
+    np.testing.assert_array_equal(batch["completions"][mask], last_step[mask].astype(np.float32))
+    assert (chain_max["returns_to_go"].numpy() > batch["returns_to_go"] + 1e-4).any()
+    with pytest.raises(ValueError, match="relabel must be one of"):
+        ChainSampler(dataset, 8, context_len=K, relabel="best")
+    state = json.loads(json.dumps(own.state_dict()))
+    with pytest.raises(ValueError, match="relabel"):
+        relabelled.load_state_dict(state)

@@ -50,7 +50,8 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
     policy = make_policy({"name": "at"}, SPEC, STATS)
     assert isinstance(policy, AgenticTransformer)
     assert policy.batch_spec.kind == "chains" and policy.batch_spec.context_len == 20
-    assert policy.config.loss_on == "all" and policy.batch_spec.options == {"max_chain_len": 4, "fresh_trial_prob": 0.5}
+    assert policy.config.loss_on == "all"
+    assert policy.batch_spec.options == {"max_chain_len": 4, "fresh_trial_prob": 0.5, "relabel": "chain_max"}
     with pytest.raises(ValueError, match="max_chain_len"):
         make_policy({"name": "at", "max_chain_len": 0}, SPEC, STATS)
     with pytest.raises(ValueError, match="fresh_trial_prob"):
@@ -61,6 +62,10 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
         make_policy({"name": "at", "loss_on": "best"}, SPEC, STATS)
     with pytest.raises(ValueError, match="reward_scale"):
         make_policy({"name": "at", "reward_scale": 0.0}, SPEC, STATS)
+    with pytest.raises(ValueError, match="relabel must be one of"):
+        make_policy({"name": "at", "relabel": "hindsight"}, SPEC, STATS)
+    with pytest.raises(ValueError, match="trial_summary must be true or false"):
+        make_policy({"name": "at", "trial_summary": "yes"}, SPEC, STATS)
 
 
 def test_the_chain_length_reaches_the_sampler_through_the_batch_spec() -> None:
@@ -137,3 +142,40 @@ def test_multi_trial_rollout_on_hopper_reports_every_trial() -> None:
     assert result.first_trial_score_mean == pytest.approx(scores[:, 0].mean())
     assert result.last_trial_score_mean == pytest.approx(scores[:, 1].mean())
     assert result.best_of_n_score_mean == pytest.approx(scores.max(axis=1).mean())
+
+
+def test_the_trial_summary_is_learned_from_chains_and_fed_the_trial_that_ended() -> None:
+    policy = tiny_at(trial_summary=True, relabel="own_return", rtg_scale=1.0).train()
+    assert policy.batch_spec.options["relabel"] == "own_return"
+    batch = chains_batch(batch_size=64)
+    assert (batch["previous_trial_length"] > 0).any()
+    loss, _ = policy.loss(batch)
+    loss.backward()
+    # The return token's inputs: return-to-go, the previous trial's return and its length.
+    assert policy.embed_return.weight.shape[1] == 3 and policy.embed_return.weight.grad[:, 1:].abs().sum() > 0
+    del batch["previous_trial_length"]
+    with pytest.raises(ValueError, match="previous_trial_length"):
+        policy.loss(batch)
+
+    policy.eval()
+    twin = tiny_at(trial_summary=True, relabel="own_return", rtg_scale=1.0)
+    twin.load_state_dict(policy.state_dict())
+    rng = np.random.default_rng(0)
+    for each in (policy, twin):
+        each.reset(2, target_return=3.0)
+    summary = policy._rollout.trial_summary
+    for rewards in ([2.0, 0.5], [1.0, 0.5], [-0.5, 0.5]):
+        obs = rng.normal(size=(2, OBS_DIM))
+        for each in (policy, twin):
+            each.act(obs)
+            each.observe_reward(rewards)
+    assert not summary.any()  # a first trial: nothing before it
+    for each in (policy, twin):
+        each.end_episode([0])
+    np.testing.assert_allclose(summary[0], [2.5 / policy.config.rtg_scale, 3 / policy.config.max_timestep], rtol=1e-6)
+    assert not summary[1].any()
+    twin._rollout.trial_summary.zero_()  # the same context, but blind to the trial that ended
+    obs = rng.normal(size=(2, OBS_DIM)).astype(np.float32)
+    assert (policy.act(obs)[0] - twin.act(obs)[0]).abs().max() > 1e-6
+    policy.reset(2, target_return=3.0)
+    assert not policy._rollout.trial_summary.any()  # a new context starts with no trial before it

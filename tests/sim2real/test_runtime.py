@@ -56,6 +56,28 @@ def test_the_runtime_acts_exactly_as_a_freshly_reset_policy(name: str) -> None:
     check(drive(runtime, 20, 3))
 
 
+def test_the_runtime_carries_the_agentic_transformer_s_trial_summary_across_trials() -> None:
+    """AT with ``trial_summary``: the summary lives in the step input, which the pure steps carry."""
+    from kinema.policies import NormStats, PolicySpec, make_policy
+
+    spec = PolicySpec(obs_dim=5, act_dim=2, action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    stats = NormStats.for_observations(np.zeros(5, np.float32), np.ones(5, np.float32))
+    torch.manual_seed(0)
+    config = {"name": "at", "context_len": 4, "embed_dim": 16, "n_layers": 1, "n_heads": 1, "dropout": 0.0,
+              "attention_dropout": 0.0, "attention_window": 3, "trial_summary": True, "rtg_scale": 1.0}
+    policy = make_policy(config, spec, stats).eval()
+    with torch.no_grad():  # make the summary's inputs matter at this tiny scale
+        policy.embed_return.weight[:, 1:].normal_(0.0, 1.0)
+    twin = make_policy(config, spec, stats).eval()
+    twin.load_state_dict(policy.state_dict())
+    twin.reset(3, target_return=TARGET)
+    expected = drive(twin, 20, 3)
+    assert twin._rollout.trial_summary.any()
+    runtime = PolicyRuntime(policy, batch_size=3, target_return=TARGET)
+    assert runtime.path == "step_functions"
+    np.testing.assert_array_equal(drive(runtime, 20, 3), expected)
+
+
 def drive_in_lockstep(actor, steps: int, num_envs: int) -> np.ndarray:
     """Seeded episodes that all restart together (as at batch 1)."""
     rng = np.random.default_rng(1)
