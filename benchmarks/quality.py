@@ -11,7 +11,8 @@ Grid: ``--policies`` names registered policy families (``kinema.policies``: the 
 modules and every ``kinema.policies`` entry point, e.g. the HuggingFace peer ``hf_dt`` in
 ``benchmarks/hf_peer.py``) or grid variants of one (``VARIANTS``: ``dt_full``, the paper's
 full-context DT, ``attention_window=0``, beside kinema's banded default; ``at_final``, AT
-with its loss on the final, best trial of each chain only), x suite datasets (generated on
+with its loss on the final, best trial of each chain only; ``at_own``, ``at_summary`` and
+``at_own_summary``, AT's relabelling and trial-summary options), x suite datasets (generated on
 first use by ``kinema.datasets.suite``; ``--datasets`` overrides, ``--dataset-path
 NAME=FILE`` points a name at any D4RL/Minari file) x seeds. No family is named anywhere
 else: quality.json records each policy's label (the family's ``label``; a variant's adds
@@ -104,6 +105,10 @@ class Variant:
 VARIANTS = {
     "dt_full": Variant("dt", {"attention_window": 0}, "full context"),  # the paper's DT (kinema's default is banded)
     "at_final": Variant("at", {"loss_on": "final_trial"}, "loss on the final trial"),  # AT's other loss choice
+    # Issue 19's ablation (AT's first trial >= DT's, and improving from trial to trial?).
+    "at_own": Variant("at", {"relabel": "own_return"}, "true returns-to-go"),
+    "at_summary": Variant("at", {"trial_summary": True}, "previous-trial summary"),
+    "at_own_summary": Variant("at", {"relabel": "own_return", "trial_summary": True}, "true returns-to-go, previous-trial summary"),
     # The Body Transformer study (issue: BoT >= vanilla transformer and MLP?): the three BoT variants have the
     # same parameters; bc_matched is BC's MLP widened to about BoT's count (4x64: 142k on ant, 138k on walker2d).
     "bot_hard": Variant("bot", {"variant": "hard"}, "hard"),
