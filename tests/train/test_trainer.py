@@ -23,16 +23,19 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
-def test_resumed_training_matches_uninterrupted(hopper_random_hdf5: Path, tmp_path: Path) -> None:
+def test_resumed_training_matches_uninterrupted(hopper_random_hdf5: Path, tmp_path: Path, capsys) -> None:
     """Stopping at a checkpoint and resuming gives bit-identical weights: optimiser, RNG and sampler state resume."""
+    small = ("policy.embed_dim=32", "policy.n_layers=1", "policy.recipe.batch_size=16", "train.checkpoint_every=10")
     straight = tmp_path / "straight"
-    run_training(train_config(hopper_random_hdf5, "train.steps=60", "train.checkpoint_every=30"), straight)
+    run_training(train_config(hopper_random_hdf5, "train.steps=20", *small), straight)
 
     interrupted = tmp_path / "interrupted"
-    run_training(train_config(hopper_random_hdf5, "train.steps=30", "train.checkpoint_every=30"), interrupted)
+    run_training(train_config(hopper_random_hdf5, "train.steps=10", *small), interrupted)
     shutil.rmtree(interrupted / "checkpoint")
     (interrupted / "eval.json").unlink()
-    run_training(train_config(hopper_random_hdf5, "train.steps=60", "train.checkpoint_every=30"), interrupted)
+    capsys.readouterr()
+    run_training(train_config(hopper_random_hdf5, "train.steps=20", *small), interrupted)
+    assert "from step 10" in capsys.readouterr().out  # resumed, not trained again from the start
 
     a, b = weights(straight), weights(interrupted)
     assert a.keys() == b.keys()
