@@ -12,7 +12,7 @@ modules and every ``kinema.policies`` entry point, e.g. the HuggingFace peer ``h
 ``benchmarks/hf_peer.py``) or grid variants of one (``VARIANTS``: ``dt_full``, the paper's
 full-context DT, ``attention_window=0``, beside kinema's banded default; ``at_final``, AT
 with its loss on the final, best trial of each chain only; ``at_own``, ``at_summary`` and
-``at_own_summary``, AT's relabelling and trial-summary options), x suite datasets (generated on
+``at_own_summary``, ``at_later_summary``, AT's relabelling and trial-summary options), x suite datasets (generated on
 first use by ``kinema.datasets.suite``; ``--datasets`` overrides, ``--dataset-path
 NAME=FILE`` points a name at any D4RL/Minari file) x seeds. No family is named anywhere
 else: quality.json records each policy's label (the family's ``label``; a variant's adds
@@ -109,6 +109,8 @@ VARIANTS = {
     "at_own": Variant("at", {"relabel": "own_return"}, "true returns-to-go"),
     "at_summary": Variant("at", {"trial_summary": True}, "previous-trial summary"),
     "at_own_summary": Variant("at", {"relabel": "own_return", "trial_summary": True}, "true returns-to-go, previous-trial summary"),
+    "at_later_summary": Variant("at", {"relabel": "later_trials", "trial_summary": True},
+                                "chain's best target on later trials only, previous-trial summary"),
     # The Body Transformer study (issue: BoT >= vanilla transformer and MLP?): the three BoT variants have the
     # same parameters; bc_matched is BC's MLP widened to about BoT's count (4x64: 142k on ant, 138k on walker2d).
     "bot_hard": Variant("bot", {"variant": "hard"}, "hard"),

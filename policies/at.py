@@ -37,7 +37,9 @@ earlier episodes serve as context only).
 
 Relabelling (``relabel``): ``"chain_max"`` (above) gives every trial the chain's best return as
 its target; ``"own_return"`` keeps each trial's true returns-to-go, as DT's windows do, and the
-completion token then turns 1 where a trial reaches its own return.
+completion token then turns 1 where a trial reaches its own return; ``"later_trials"`` relabels
+only the trials that follow another (a chain's first trial and fresh-trial windows keep their
+own return), so a first trial is conditioned as DT is and a later one on the chain's best.
 
 Trial summary (``trial_summary``, off by default): each step's return token also carries the
 previous trial's return (/ ``rtg_scale``) and length (/ ``max_timestep``), zeros on a first
@@ -102,7 +104,7 @@ from kinema.policies.base import BatchSpec, require_positive_int
 from kinema.policies.dt import DecisionTransformer, DTConfig, _Rollout
 
 LOSS_ON = ("all", "final_trial")
-RELABEL = ("chain_max", "own_return")
+RELABEL = ("chain_max", "own_return", "later_trials")
 
 
 @dataclass
@@ -111,7 +113,7 @@ class ATConfig(DTConfig):
     loss_on: str = "all"  # "all" episodes of a chain, or only its "final_trial" (the best)
     max_chain_len: int = 4  # episodes per chain, at most (the chain sampler draws 1..max_chain_len)
     fresh_trial_prob: float = 0.5  # share of windows whose earlier trials are hidden, as before a first trial
-    relabel: str = "chain_max"  # every trial's target: the chain's best return, or its "own_return" (true returns-to-go)
+    relabel: str = "chain_max"  # trials' targets: the chain's best return, their "own_return", or best on "later_trials" only
     trial_summary: bool = False  # the return token also carries the previous trial's return and length
 
     def __post_init__(self) -> None:

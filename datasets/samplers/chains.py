@@ -8,7 +8,10 @@ One sample:
 3. relabel every episode's target to the chain's maximum return R_max: the
    return-to-go at step t of episode i is R_max minus what episode i collected before t
    (``relabel="chain_max"``, the default); with ``relabel="own_return"`` every episode keeps
-   its own return as its target, i.e. its true returns-to-go, as DT's windows do;
+   its own return as its target, i.e. its true returns-to-go, as DT's windows do; with
+   ``relabel="later_trials"`` only the steps that follow an earlier trial (``previous_trial_*``
+   below) are relabelled, and a chain's first trial and fresh-trial windows keep their own
+   return, as a test context's first trial has nothing before it to learn from;
 4. cut a window as DT's ``windows`` sampler does: it starts at a uniformly drawn step of
    the chain and runs K = context_len steps or to the chain's end, whichever comes first;
    a shorter window is padded on the left (``mask`` False);
@@ -55,7 +58,7 @@ from ..store import OfflineDataset
 from . import EpisodeSampler, register_sampler
 
 MAX_REDRAWS = 10
-RELABEL = ("chain_max", "own_return")
+RELABEL = ("chain_max", "own_return", "later_trials")
 
 
 class ChainSampler(EpisodeSampler):
@@ -162,13 +165,15 @@ class ChainSampler(EpisodeSampler):
 
         rewards = data.rewards[steps]
         collected_before = self.cumulative[steps] - rewards
-        target = r_max[:, None] if self.relabel == "chain_max" else self.episode_return[data.episode_index[steps]]
-        returns_to_go = (target - collected_before).astype(np.float32)
-        completions = (self.prefix_max[steps] >= target).astype(np.float32)
         final_trial = (trial == (index["chain_len"] - 1)[:, None]) & mask
         # The trial before each step's own, as the test context saw it; none on a first or fresh trial.
         previous = np.take_along_axis(index["episodes"], np.maximum(trial - 1, 0), axis=1)
         has_previous = (trial > 0) & ~index["fresh"][:, None] & mask
+        own_return = self.episode_return[data.episode_index[steps]]
+        target = {"chain_max": np.broadcast_to(r_max[:, None], steps.shape), "own_return": own_return,
+                  "later_trials": np.where(has_previous, r_max[:, None], own_return)}[self.relabel]
+        returns_to_go = (target - collected_before).astype(np.float32)
+        completions = (self.prefix_max[steps] >= target).astype(np.float32)
         previous_return = np.where(has_previous, self.episode_return[previous], 0.0).astype(np.float32)
         previous_length = np.where(has_previous, data.episode_lengths[previous], 0).astype(np.float32)
         return {

@@ -223,3 +223,16 @@ def test_own_return_relabelling_keeps_every_trial_s_true_returns_to_go(dataset) 
     state = json.loads(json.dumps(own.state_dict()))
     with pytest.raises(ValueError, match="relabel"):
         relabelled.load_state_dict(state)
+
+
+def test_later_trials_relabelling_raises_only_the_trials_that_follow_another(dataset) -> None:
+    def sample(relabel: str) -> dict[str, np.ndarray]:
+        sampler = ChainSampler(dataset, 512, seed=7, context_len=K, max_chain_len=3, fresh_trial_prob=0.5, relabel=relabel)
+        return {key: value.numpy() for key, value in sampler.sample().items()}
+
+    later, chain_max, own = sample("later_trials"), sample("chain_max"), sample("own_return")
+    mask, follows = later["mask"], later["previous_trial_length"] > 0
+    assert (mask & follows).any() and (mask & ~follows & (later["trial_index"] > 0)).any()  # fresh windows too
+    for key in ("returns_to_go", "completions"):
+        np.testing.assert_array_equal(later[key][follows], chain_max[key][follows])
+        np.testing.assert_array_equal(later[key][mask & ~follows], own[key][mask & ~follows])
