@@ -284,7 +284,13 @@ def rl_quality_section(data: dict[str, Any]) -> str:
 
 def diffusion_quality_section(data: dict[str, Any]) -> str:
     intro = ("**Diffusion policy** against BC and DT on datasets that mix behaviour policies (medium-expert), where a "
-             "multi-modal policy should beat BC; each family with its own recipe, the grid's budget.")
+             "multi-modal policy should beat BC; each family with its own recipe, the grid's budget. The walker2d rows "
+             "train on `walker2d-medium-expert-avx2` and `walker2d-medium-replay-avx2`: the suite's datasets generated on "
+             "numpy's and torch's AVX2 code paths, which every x86 machine can rebuild (`python benchmarks/avx2_datasets.py "
+             "walker2d-medium-expert walker2d-medium-replay --out-dir <dir>`; the suite's own walker2d files regenerate "
+             "only on AVX-512, see Datasets). Cells trained on two machines of one grid config: the hopper rows and "
+             "walker2d's BC seeds 0-1, diffusion medium-expert seeds 0-1, diffusion medium-replay seed 0 and DT seed 0 "
+             "on AVX2, the other walker2d cells on AVX-512.")
     return intro + "\n\n" + quality_section(data, "diffusion/quality.json")
 
 
