@@ -15,7 +15,6 @@ read when numpy and torch are imported, so the generation runs in a child proces
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -38,19 +37,13 @@ print(json.dumps({"name": name, "path": path, "torch_cpu_capability": torch.back
 """
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="+", help="suite dataset names, e.g. walker2d-medium-replay")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for <name>-avx2.hdf5")
     args = parser.parse_args(argv)
+    from kinema.datasets.suite import sha256_of_file  # here: the parent's numpy may keep its AVX-512 paths
+
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.names:
@@ -62,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if done.returncode != 0:
             raise SystemExit(f"generating {name} failed:\n{done.stderr[-2000:]}")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
-        summary["sha256"] = sha256_of(path)
+        summary["sha256"] = sha256_of_file(path)
         print(json.dumps(summary))
         results.append(summary)
     return results

@@ -169,9 +169,12 @@ class ChainSampler(EpisodeSampler):
         # The trial before each step's own, as the test context saw it; none on a first or fresh trial.
         previous = np.take_along_axis(index["episodes"], np.maximum(trial - 1, 0), axis=1)
         has_previous = (trial > 0) & ~index["fresh"][:, None] & mask
-        own_return = self.episode_return[data.episode_index[steps]]
-        target = {"chain_max": np.broadcast_to(r_max[:, None], steps.shape), "own_return": own_return,
-                  "later_trials": np.where(has_previous, r_max[:, None], own_return)}[self.relabel]
+        if self.relabel == "chain_max":
+            target = r_max[:, None]
+        else:
+            target = self.episode_return[data.episode_index[steps]]
+            if self.relabel == "later_trials":
+                target = np.where(has_previous, r_max[:, None], target)
         returns_to_go = (target - collected_before).astype(np.float32)
         completions = (self.prefix_max[steps] >= target).astype(np.float32)
         previous_return = np.where(has_previous, self.episode_return[previous], 0.0).astype(np.float32)
