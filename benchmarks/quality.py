@@ -532,9 +532,12 @@ def promote_rerun(run_dir: Path) -> None:
 
 # -- one cell ------------------------------------------------------------------------------------
 def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
-    """Once per dataset: its size and average return, the bar a policy should clear."""
-    if out.is_file():
-        return
+    """Once per dataset: its size, average return (the bar a policy should clear) and sha256.
+
+    Afterwards, a GridError when the dataset now resolves to other data than the recorded one
+    (regenerated differently, another --dataset-path file): the dataset's cells would mix results
+    on two datasets."""
+    from kinema.datasets.suite import sha256_of_file
     from kinema.envs import reference_returns
     from kinema.train.data import resolve_dataset
 
@@ -544,10 +547,29 @@ def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
         "name": data.name, "path": str(data.path), "task": data.task.name, "episodes": int(len(returns)),
         "transitions": int(data.dataset.num_transitions), "return_mean": float(returns.mean()),
         "return_max": float(returns.max()), "reference_returns": data.reference_returns,
+        "sha256": sha256_of_file(data.path) if data.path.is_file() else None,  # a Minari dataset is a folder
     }
     ref_min, ref_max, source = reference_returns(data.task, data.reference_returns)
     info.update({"reference_source": source, "normalized_return_mean": 100 * (info["return_mean"] - ref_min) / (ref_max - ref_min)})
-    write_json(out, info)
+    recorded = read_json(out)
+    if recorded is None:
+        write_json(out, info)
+        return
+    # Records from before sha256 was kept are compared by what they hold.
+    keys = ("sha256",) if recorded.get("sha256") and info["sha256"] else ("episodes", "transitions", "return_mean")
+    changed = [key for key in keys if recorded.get(key) != info[key]]
+    if changed:
+        def described(record: dict[str, Any]) -> str:
+            return (f"{record.get('episodes')} episodes, return mean {record.get('return_mean')}, "
+                    f"sha256 {record.get('sha256') or 'not recorded'}")
+        raise GridError(
+            f"{out} records the data this dataset's cells trained on ({described(recorded)}), but "
+            f"{info['name']} now resolves to {data.path} ({described(info)}): {', '.join(changed)} differ. Training here "
+            f"would mix results on two datasets in one row: move {out.parent} aside, use another --results-dir, or give "
+            "the new data another name with --dataset-path NAME=FILE"
+        )
+    if not recorded.get("sha256") and info["sha256"]:
+        write_json(out, {**recorded, "sha256": info["sha256"]})  # the same data: pin it from now on
 
 
 def prepare_cell(run_dir: Path, policy: str, cfg: dict[str, Any], digest: str, state: CellState) -> tuple[Path, str | None]:
@@ -589,7 +611,6 @@ def run_cell(policy: str, run_dir: Path, cfg: dict[str, Any], args: argparse.Nam
 
     work_dir = work_dir or run_dir
     done = []
-    describe_dataset(cfg, run_dir.parent.parent / DATASET_JSON)
     if not (work_dir / EVAL_JSON).is_file():
         start = time.perf_counter()
         result = run_training(cfg, work_dir)
@@ -888,6 +909,7 @@ def run_grid(record: RunRecord, results_dir: Path, grid: Grid) -> None:
             state = grid.state(seed, dataset, policy, digest)  # another worker may have finished it meanwhile
             if state.finished and not (grid.args.rerun_stale and state.flags):
                 continue
+            describe_dataset(cfg, grid.runs_dir / dataset / DATASET_JSON)  # before anything of the cell is touched
             work_dir, why = prepare_cell(run_dir, policy, cfg, digest, state)
             print(f"{label}: starting" + (f" again: {why}" if why else ""), flush=True)
             outcome = run_cell(policy, run_dir, cfg, grid.args, work_dir)

@@ -178,6 +178,30 @@ def _flag_marks(row: dict[str, Any]) -> str:
     return "".join(FLAG_MARKERS[flag] for flag in FLAG_MARKERS if flag in row.get("flags", {}))
 
 
+FORMER_DATA_MARKER = "°"
+
+
+def _former_suite_builds(datasets: dict[str, Any]) -> dict[str, str]:
+    """Suite datasets a grid trained on an earlier build of (other data than the manifest's file), and how they differ."""
+    from kinema.datasets.suite import load_manifest
+
+    manifest = load_manifest()["datasets"]
+    former = {}
+    for name, info in datasets.items():
+        entry = manifest.get(name)
+        if entry is None or info.get("episodes") is None:
+            continue  # not a suite dataset (a --dataset-path file)
+        if info.get("sha256"):
+            same = info["sha256"] == entry["sha256"]
+        else:  # recorded before grids kept the sha256
+            same = info["episodes"] == entry["episodes"] and abs(info["return_mean"] - entry["return_mean"]) <= 1e-6 * abs(entry["return_mean"])
+        if not same:
+            former[name] = (f"{name} trained on an earlier build of the suite's file ({info['episodes']} episodes, return mean "
+                            f"{info['return_mean']:.1f}; the file kinema generates now has {entry['episodes']}, "
+                            f"{entry['return_mean']:.1f}, see Datasets)")
+    return former
+
+
 def quality_section(data: dict[str, Any], file: str = "quality.json") -> str:
     protocol = data["protocol"]
     table = data["table"]
@@ -185,6 +209,7 @@ def quality_section(data: dict[str, Any], file: str = "quality.json") -> str:
     recorded = [entry["policy"] for entry in data.get("policies", [])]
     labels = {entry["policy"]: entry["label"] for entry in data.get("policies", [])}
     budgets = sorted({(row["steps"], row["batch_size"]) for row in table}, key=lambda b: tuple(map(str, b)))
+    former = _former_suite_builds(data.get("datasets", {}))
     if "recipes" in protocol:
         recipes = f"recipes: {protocol['recipes']}"
     else:  # results written before policies declared their recipes
@@ -203,7 +228,7 @@ def quality_section(data: dict[str, Any], file: str = "quality.json") -> str:
         rows = []
         for dataset in datasets:
             info = data.get("datasets", {}).get(dataset, {})
-            row = [dataset, _fmt(info.get("normalized_return_mean"), 1)]
+            row = [dataset + (FORMER_DATA_MARKER if dataset in former else ""), _fmt(info.get("normalized_return_mean"), 1)]
             for policy in policies:
                 cell = by_key.get((dataset, policy))
                 if cell is None or cell["score_mean"] is None:
@@ -229,6 +254,8 @@ def quality_section(data: dict[str, Any], file: str = "quality.json") -> str:
         meanings = protocol.get("flags", {})
         parts.append(" ".join(f"{FLAG_MARKERS[flag]} some seeds {meanings.get(flag, flag)} ({flag.replace('_', ' ')})."
                               for flag in flagged) + " `python benchmarks/quality.py --status` lists the cells.")
+    if former:
+        parts.append(" ".join(f"{FORMER_DATA_MARKER} {note}." for _, note in sorted(former.items())))
     pending = [c for c in data.get("grid_status", []) if not c["state"].startswith("done")]
     if pending:
         parts.append(f"Grid in progress: {len(pending)} of {len(data['grid_status'])} cells not finished yet.")
@@ -285,10 +312,9 @@ def rl_quality_section(data: dict[str, Any]) -> str:
 def diffusion_quality_section(data: dict[str, Any]) -> str:
     intro = ("**Diffusion policy** against BC and DT on datasets that mix behaviour policies (medium-expert), where a "
              "multi-modal policy should beat BC; each family with its own recipe, the grid's budget. The walker2d rows "
-             "train on `walker2d-medium-expert-avx2` and `walker2d-medium-replay-avx2`: the suite's datasets generated on "
-             "numpy's and torch's AVX2 code paths, which every x86 machine can rebuild (`python benchmarks/avx2_datasets.py "
-             "walker2d-medium-expert walker2d-medium-replay --out-dir <dir>`; the suite's own walker2d files regenerate "
-             "only on AVX-512, see Datasets). Cells trained on two machines of one grid config: the hopper rows and "
+             "train on `walker2d-medium-expert-avx2` and `walker2d-medium-replay-avx2` (given with `--dataset-path`): "
+             "the same files, sha256 for sha256, as the suite's walker2d-medium-expert and walker2d-medium-replay, "
+             "which kinema now generates on the AVX2 code paths on every machine (see Datasets). Cells trained on two machines of one grid config: the hopper rows and "
              "walker2d's BC seeds 0-1, diffusion medium-expert seeds 0-1, diffusion medium-replay seed 0 and DT seed 0 "
              "on AVX2, the other walker2d cells on AVX-512.")
     return intro + "\n\n" + quality_section(data, "diffusion/quality.json")

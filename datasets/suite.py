@@ -8,16 +8,16 @@ a content digest of what kinema trains and evaluates from. ``ensure_suite_datase
 regenerates a missing file into ``$KINEMA_DATA`` (default ``~/.cache/kinema/datasets``)
 and refuses a file that matches neither (see ``verify_dataset_file``).
 
-What regeneration reproduces exactly, and what not: with the recorded library versions,
-observations, actions, rewards, terminals, timeouts, next_observations (float32 / bool)
-and the metadata come out the same on CPUs with other vector units (checked: AVX2 against
-the manifest's AVX-512). ``infos/qpos`` and ``infos/qvel`` are
-MuJoCo's float64 state, and MuJoCo's float64 arithmetic differs between CPU vector units
-(AVX2 vs AVX-512) in the last bits, so the file's bytes, and its sha256, can differ while
-every array a policy sees is identical. Where a task's dynamics amplify those bits until an
-episode changes (walker2d-medium-replay, -expert and -medium-expert, regenerated on AVX2),
-the arrays differ too: such a file is refused, and the manifest holds no content digest for
-those three (none could be checked against the manifest's statistics).
+What regeneration reproduces exactly, and what not: the AVX-512 kernels of numpy, torch, MKL
+and oneDNN round float arithmetic differently in the last bits from their AVX2 kernels, and
+walker2d's dynamics amplify those bits until episodes change. So the suite is always generated
+on the AVX2 code paths (``AVX2_CODE_PATHS``: an AVX-512 CPU generates in a child process with
+the libraries' switches set). With the recorded library versions, observations, actions,
+rewards, terminals, timeouts, next_observations (float32 / bool) and the metadata then come
+out the same on every x86-64 CPU with AVX2. ``infos/qpos`` and ``infos/qvel`` are MuJoCo's
+float64 state; should they differ in the last bits on some CPU, the file's sha256 differs
+while every array a policy sees is identical: such a file is accepted by its content digest
+(``verify_dataset_file``).
 
 The datasets of a task (D4RL's protocol on Gymnasium MuJoCo v5):
 
@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,6 +111,47 @@ def require_writable_dir(directory: Path, given: str | os.PathLike | None = None
         ) from error
 
 
+# ---------------------------------------------------------------------------------------
+# The AVX2 code paths
+# ---------------------------------------------------------------------------------------
+
+# The AVX-512 kernels of numpy, torch (ATen), MKL and oneDNN round float arithmetic differently in the last bits from
+# their AVX2 kernels, and walker2d's dynamics amplify those bits until episodes change. So the suite is generated on
+# the AVX2 code paths on every x86 machine: an AVX-512 CPU generates in a child process with these switches set (each
+# library reads its own when it loads).
+AVX2_CODE_PATHS = {
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # numpy's AVX-512 dispatch targets
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (numpy's hardware detection, which the switches above do not change)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # another numpy layout: ask torch
+        import torch
+
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return bool(__cpu_features__.get("AVX512F"))
+
+
+def on_avx2_code_paths() -> bool:
+    """True when this process computes as an AVX2 CPU does: it has no AVX-512, or it started with AVX2_CODE_PATHS set."""
+    return not cpu_has_avx512() or all(os.environ.get(key) == value for key, value in AVX2_CODE_PATHS.items())
+
+
+def _call_on_avx2_code_paths(function: str, arguments: dict[str, Any], what: str) -> None:
+    """Call this module's ``function(**arguments)`` (JSON arguments) in a child process on the AVX2 code paths."""
+    code = f"import json, sys; from kinema.datasets import suite; suite.{function}(**json.loads(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env={**os.environ, **AVX2_CODE_PATHS})
+    if done.returncode != 0:
+        raise DatasetError(f"{what} failed in its child process on the AVX2 code paths (exit code {done.returncode}; "
+                           f"its error is printed above); the child ran {sys.executable} with {AVX2_CODE_PATHS}")
+
+
 def sha256_of_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -166,10 +208,10 @@ def _entry(name: str, manifest: dict[str, Any], manifest_path: Path) -> dict[str
 
 
 def library_versions() -> dict[str, str]:
-    """Versions, and the CPU's vector unit, that decide the bytes of a regenerated file (recorded in the manifest).
+    """Versions, and the vector code path, that decide the bytes of a regenerated file (recorded in the manifest).
 
-    MuJoCo's float64 arithmetic differs in the last bits between vector units (AVX2, AVX-512):
-    infos/* then differ, and in a chaotic task whole episodes can."""
+    ``cpu`` is torch's CPU capability in the generating process: AVX2 wherever the suite is generated
+    (``AVX2_CODE_PATHS``)."""
     import gymnasium
     import h5py
     import mujoco
@@ -410,13 +452,13 @@ def verify_dataset_file(path: Path, entry: dict[str, Any], name: str, manifest_p
     if regenerated:
         raise DatasetError(
             f"{path}: regenerated {name} has sha256 {actual}, but the suite manifest {manifest_path} expects {expected}; "
-            f"{mismatch}. Regeneration is deterministic only with the library versions and the CPU vector unit the "
+            f"{mismatch}. Regeneration is deterministic only with the library versions and the vector code path the "
             f"manifest records for it ({entry.get('libraries', 'under libraries')}; yours: {library_versions()}); "
             "the file was kept for inspection."
         )
     raise DatasetError(
         f"{path}: sha256 {actual} does not match the suite manifest {manifest_path} for {name} (expected {expected}); "
-        f"{mismatch}. The file was modified or truncated (or made with other libraries or another CPU vector unit than "
+        f"{mismatch}. The file was modified or truncated (or made with other libraries or another vector code path than "
         f"the manifest's 'libraries'): delete it and kinema regenerates it on next use."
     )
 
@@ -453,15 +495,13 @@ def ensure_suite_dataset(
             note += " on a 2-core CPU"
         print(f"kinema: generating {name} ({size} size) into {path}{note}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-
-        def part(part_name: str) -> OfflineDataset:
-            return read_d4rl_hdf5(ensure_suite_dataset(part_name, data_dir, size, manifest_path, progress, policies_dir))
-
-        # "default" means the size the manifest was built at (200,000 for the shipped one).
-        generation_size = manifest.get("size", "default") if size == "default" else size
-        dataset = generate_dataset(name, generation_size, manifest=manifest, policies_dir=policies_dir, progress=progress,
-                                   part_loader=part)
-        write_d4rl_hdf5(dataset, path)
+        arguments = {"name": name, "path": str(path), "data_dir": None if data_dir is None else str(data_dir), "size": size,
+                     "manifest_path": str(manifest_path), "progress": progress,
+                     "policies_dir": None if policies_dir is None else str(policies_dir)}
+        if on_avx2_code_paths():
+            _generate_file(**arguments)
+        else:
+            _call_on_avx2_code_paths("_generate_file", arguments, f"generating {name}")
         print(f"kinema: generated {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     if size == "default":
         check = verify_dataset_file(path, entry, name, manifest_path, regenerated)
@@ -471,6 +511,21 @@ def ensure_suite_dataset(
                   f"sha256 differs from the manifest's {entry['sha256'][:12]}, as expected on a CPU whose float64 "
                   f"arithmetic differs from the building machine's", file=sys.stderr, flush=True)
     return path
+
+
+def _generate_file(name: str, path: str, data_dir: str | None, size: str, manifest_path: str, progress: bool,
+                   policies_dir: str | None) -> None:
+    """Generate suite dataset ``name`` into ``path`` (medium-expert: from its verified parts)."""
+    manifest = load_manifest(manifest_path)
+
+    def part(part_name: str) -> OfflineDataset:
+        return read_d4rl_hdf5(ensure_suite_dataset(part_name, data_dir, size, manifest_path, progress, policies_dir))
+
+    # "default" means the size the manifest was built at (200,000 for the shipped one).
+    generation_size = manifest.get("size", "default") if size == "default" else size
+    dataset = generate_dataset(name, generation_size, manifest=manifest, policies_dir=policies_dir, progress=progress,
+                               part_loader=part)
+    write_d4rl_hdf5(dataset, path)
 
 
 def load_suite_dataset(name: str, data_dir: str | os.PathLike | None = None, size: str = "default") -> OfflineDataset:
@@ -520,7 +575,8 @@ def build_manifest(
     """Regenerate the datasets of ``tasks`` and record their statistics and checksums.
 
     Existing reference returns are reused while the task's expert snapshot is unchanged.
-    Other tasks' entries in the manifest are kept.
+    Other tasks' entries in the manifest are kept. On an AVX-512 CPU the build runs in a child
+    process on the AVX2 code paths (``AVX2_CODE_PATHS``), which logs with print.
     """
     manifest_path = Path(manifest_path) if manifest_path is not None else SUITE_MANIFEST
     manifest = load_manifest(manifest_path) if manifest_path.exists() else {"format": SUITE_FORMAT, "tasks": {}, "datasets": {}}
@@ -528,9 +584,15 @@ def build_manifest(
     tasks = tasks or [t for t in SUITE_TASKS if (policies_root / t / "policies.json").is_file()]
     if not tasks:
         raise FileNotFoundError(f"{policies_root}: no committed behaviour policies; train and export them first")
-    # Top-level libraries: where the manifest was first built; each dataset records its own below, since
-    # a task rebuilt later (on another machine) may come from another CPU vector unit.
-    manifest.setdefault("libraries", library_versions())
+    if not on_avx2_code_paths():
+        arguments = {"tasks": list(tasks), "directory": None if directory is None else str(directory),
+                     "manifest_path": str(manifest_path), "size": size,
+                     "policies_dir": None if policies_dir is None else str(policies_dir)}
+        _call_on_avx2_code_paths("build_manifest", arguments, "building the suite manifest")
+        return load_manifest(manifest_path)
+    # Top-level libraries: the last build's; each dataset records its own below, since a task rebuilt
+    # later may come from other library versions.
+    manifest["libraries"] = library_versions()
     manifest.update(default_transitions=DEFAULT_TRANSITIONS, full_transitions=FULL_TRANSITIONS, note=MANIFEST_NOTE)
     manifest["size"] = size
     for task in tasks:
