@@ -41,6 +41,11 @@ completion token then turns 1 where a trial reaches its own return; ``"later_tri
 only the trials that follow another (a chain's first trial and fresh-trial windows keep their
 own return), so a first trial is conditioned as DT is and a later one on the chain's best.
 
+Window weights (``window_start``): ``"chain"`` starts a window at a uniform step of the chain,
+so in chains of several episodes a step weighs more the longer its episode; ``"episode"`` starts
+it at a uniform step of the chain's first drawn episode, so every step of the dataset starts a
+window equally often, as in DT.
+
 Trial summary (``trial_summary``, off by default): each step's return token also carries the
 previous trial's return (/ ``rtg_scale``) and length (/ ``max_timestep``), zeros on a first
 trial, so what the context knows of the trial before reaches every window of a trial, not
@@ -105,6 +110,7 @@ from kinema.policies.dt import DecisionTransformer, DTConfig, _Rollout
 
 LOSS_ON = ("all", "final_trial")
 RELABEL = ("chain_max", "own_return", "later_trials")
+WINDOW_START = ("chain", "episode")
 
 
 @dataclass
@@ -115,6 +121,7 @@ class ATConfig(DTConfig):
     fresh_trial_prob: float = 0.5  # share of windows whose earlier trials are hidden, as before a first trial
     relabel: str = "chain_max"  # trials' targets: the chain's best return, their "own_return", or best on "later_trials" only
     trial_summary: bool = False  # the return token also carries the previous trial's return and length
+    window_start: str = "chain"  # windows start at a uniform step of the "chain" or of its first drawn "episode" (DT's weights)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,6 +135,8 @@ class ATConfig(DTConfig):
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.relabel not in RELABEL:
             raise ValueError(f"relabel must be one of {RELABEL}, got {self.relabel!r}")
+        if self.window_start not in WINDOW_START:
+            raise ValueError(f"window_start must be one of {WINDOW_START}, got {self.window_start!r}")
         if not isinstance(self.trial_summary, bool):
             raise ValueError(f"trial_summary must be true or false, got {self.trial_summary!r}")
 
@@ -150,7 +159,7 @@ class AgenticTransformer(DecisionTransformer):
     @property
     def batch_spec(self) -> BatchSpec:
         options = {"max_chain_len": self.config.max_chain_len, "fresh_trial_prob": float(self.config.fresh_trial_prob),
-                   "relabel": self.config.relabel}
+                   "relabel": self.config.relabel, "window_start": self.config.window_start}
         return BatchSpec("chains", self.config.context_len, options)
 
     def _window_features(self, batch: dict[str, torch.Tensor], unit_actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

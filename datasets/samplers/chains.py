@@ -13,8 +13,12 @@ One sample:
    below) are relabelled, and a chain's first trial and fresh-trial windows keep their own
    return, as a test context's first trial has nothing before it to learn from;
 4. cut a window as DT's ``windows`` sampler does: it starts at a uniformly drawn step of
-   the chain and runs K = context_len steps or to the chain's end, whichever comes first;
-   a shorter window is padded on the left (``mask`` False);
+   the chain (``window_start="chain"``, the default) or of the episode drawn first
+   (``window_start="episode"``: as that episode was drawn in proportion to its length, every
+   step of the dataset then starts a window equally often, as in DT, whatever the chain
+   length; with ``"chain"`` a step's weight grows with its episode's length in chains of
+   several episodes) and runs K = context_len steps or to the chain's end, whichever comes
+   first; a shorter window is padded on the left (``mask`` False);
 5. with probability ``fresh_trial_prob`` (default 0 here; the Agentic Transformer's config
    sets 0.5), hide the trials before the window's last one: their steps become left padding,
    so the window opens on that trial's first step as a test context's first trial does
@@ -59,6 +63,7 @@ from . import EpisodeSampler, register_sampler
 
 MAX_REDRAWS = 10
 RELABEL = ("chain_max", "own_return", "later_trials")
+WINDOW_START = ("chain", "episode")
 
 
 class ChainSampler(EpisodeSampler):
@@ -76,6 +81,7 @@ class ChainSampler(EpisodeSampler):
         max_chain_len: int = 4,
         fresh_trial_prob: float = 0.0,
         relabel: str = "chain_max",
+        window_start: str = "chain",
     ):
         if isinstance(max_chain_len, bool) or not isinstance(max_chain_len, (int, np.integer)) or max_chain_len < 1:
             raise ValueError(f"chains sampler: max_chain_len must be a positive integer, got {max_chain_len!r}")
@@ -83,10 +89,13 @@ class ChainSampler(EpisodeSampler):
             raise ValueError(f"chains sampler: fresh_trial_prob must be a number in [0, 1], got {fresh_trial_prob!r}")
         if relabel not in RELABEL:
             raise ValueError(f"chains sampler: relabel must be one of {RELABEL}, got {relabel!r}")
+        if window_start not in WINDOW_START:
+            raise ValueError(f"chains sampler: window_start must be one of {WINDOW_START}, got {window_start!r}")
         super().__init__(dataset, batch_size, seed, rank, world_size, device, context_len)
         self.max_chain_len = int(max_chain_len)
         self.fresh_trial_prob = float(fresh_trial_prob)
         self.relabel = relabel
+        self.window_start = window_start
         rewards = dataset.rewards.astype(np.float64)
         total = np.cumsum(rewards)
         before_episode = (total - rewards)[dataset.episode_starts]
@@ -100,10 +109,11 @@ class ChainSampler(EpisodeSampler):
 
     def _identity(self) -> dict[str, Any]:
         return {**super()._identity(), "max_chain_len": self.max_chain_len, "fresh_trial_prob": self.fresh_trial_prob,
-                "relabel": self.relabel}
+                "relabel": self.relabel, "window_start": self.window_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict({"relabel": "chain_max", **state})  # states saved before the option existed
+        # States saved before the options existed.
+        super().load_state_dict({"relabel": "chain_max", "window_start": "chain", **state})
 
     def _draw_episodes(self, shape) -> np.ndarray:
         """Episodes of this rank's shard, each drawn in proportion to its length."""
@@ -127,6 +137,7 @@ class ChainSampler(EpisodeSampler):
         chain_len = used.sum(axis=1)
         returns = np.where(used, self.episode_return[episodes], np.inf)  # unused slots sort last
         order = np.argsort(returns, axis=1, kind="stable")
+        first_drawn = np.argmax(order == 0, axis=1)  # where the first drawn episode (never a repeat) is sorted to
         episodes = np.take_along_axis(episodes, order, axis=1)
         returns = np.take_along_axis(returns, order, axis=1)
         used = np.arange(m)[None, :] < chain_len[:, None]  # the used slots now come first
@@ -136,7 +147,11 @@ class ChainSampler(EpisodeSampler):
         r_max = returns[np.arange(batch), chain_len - 1]
 
         # DT's (kzl's) windows: a uniform start, up to K steps not past the chain's end, left-padded.
-        start = rng.integers(0, chain_steps)
+        if self.window_start == "episode":
+            rows = np.arange(batch)
+            start = offsets[rows, first_drawn] + rng.integers(0, lengths[rows, first_drawn])
+        else:
+            start = rng.integers(0, chain_steps)
         length = np.minimum(start + k, chain_steps) - start
         position = start[:, None] + np.arange(k)[None, :] - (k - length)[:, None]
         mask = position >= start[:, None]

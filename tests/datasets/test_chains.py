@@ -236,3 +236,19 @@ def test_later_trials_relabelling_raises_only_the_trials_that_follow_another(dat
     for key in ("returns_to_go", "completions"):
         np.testing.assert_array_equal(later[key][follows], chain_max[key][follows])
         np.testing.assert_array_equal(later[key][mask & ~follows], own[key][mask & ~follows])
+
+
+def test_episode_window_starts_weigh_every_dataset_step_equally_as_dt_windows_do() -> None:
+    # Two short episodes and a long one. Chain-wide starts favour the long episode's steps in chains of two;
+    # starts in the first drawn episode give every step the same weight, 50 / 60 for the long one.
+    data = dataset_of([5, 5, 50], [1.0, 2.0, 0.1])
+
+    def share_of_long_episode(window_start: str) -> float:
+        index = ChainSampler(data, 40_000, seed=3, context_len=4, max_chain_len=2, window_start=window_start).chain_steps()
+        first = index["steps"][np.arange(40_000), index["mask"].argmax(axis=1)]  # the window's first real step
+        return float((data.episode_index[first] == 2).mean())
+
+    assert abs(share_of_long_episode("episode") - 50 / 60) < 0.01
+    assert share_of_long_episode("chain") > 0.85  # about 0.864 by the same count
+    with pytest.raises(ValueError, match="window_start must be one of"):
+        ChainSampler(data, 4, window_start="trial")

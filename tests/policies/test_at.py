@@ -51,7 +51,8 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
     assert isinstance(policy, AgenticTransformer)
     assert policy.batch_spec.kind == "chains" and policy.batch_spec.context_len == 20
     assert policy.config.loss_on == "all"
-    assert policy.batch_spec.options == {"max_chain_len": 4, "fresh_trial_prob": 0.5, "relabel": "chain_max"}
+    assert policy.batch_spec.options == {"max_chain_len": 4, "fresh_trial_prob": 0.5, "relabel": "chain_max",
+                                         "window_start": "chain"}
     with pytest.raises(ValueError, match="max_chain_len"):
         make_policy({"name": "at", "max_chain_len": 0}, SPEC, STATS)
     with pytest.raises(ValueError, match="fresh_trial_prob"):
@@ -66,6 +67,8 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
         make_policy({"name": "at", "relabel": "hindsight"}, SPEC, STATS)
     with pytest.raises(ValueError, match="trial_summary must be true or false"):
         make_policy({"name": "at", "trial_summary": "yes"}, SPEC, STATS)
+    with pytest.raises(ValueError, match="window_start must be one of"):
+        make_policy({"name": "at", "window_start": "step"}, SPEC, STATS)
 
 
 def test_the_chain_length_reaches_the_sampler_through_the_batch_spec() -> None:
