@@ -243,6 +243,31 @@ def config_hash(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def cell_digest(cfg: dict[str, Any], run_dir: Path, policy: str) -> str:
+    """The config hash a cell's record is compared with.
+
+    A family option added after the cell was recorded and left at its default computes what the
+    recorded config did, so it is left out of the hash (otherwise every new option would re-run
+    every cell of its family)."""
+    import dataclasses
+
+    from kinema.policies import policy_class
+
+    recorded = (((read_json(run_dir / CELL_JSON) or {}).get("config") or {}).get("policy")) or {}
+    if not recorded:
+        return config_hash(cfg)
+    defaults = {option.name: json.loads(json.dumps(option.default, default=str))  # as the config holds it (tuple -> list)
+                for option in dataclasses.fields(policy_class(family_of(policy)).config_class)
+                if option.default is not dataclasses.MISSING}
+    added = [key for key, value in cfg["policy"].items() if key not in recorded and key in defaults and value == defaults[key]]
+    if not added:
+        return config_hash(cfg)
+    trimmed = copy.deepcopy(cfg)
+    for key in added:
+        del trimmed["policy"][key]
+    return config_hash(trimmed)
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two configs."""
     keys = []
@@ -785,7 +810,7 @@ class Grid:
     def state(self, seed: int, dataset: str, policy: str, digest: str | None = None) -> CellState:
         run_dir = cell_dir(self.runs_dir, dataset, policy, seed)
         if digest is None:
-            digest = config_hash(self.config(seed, dataset, policy))
+            digest = cell_digest(self.config(seed, dataset, policy), run_dir, policy)
         return cell_state(run_dir, policy, digest, plays_trials(policy) and self.args.trials > 1, self.history)
 
     def states(self) -> tuple[list[dict[str, Any]], dict[tuple[str, str, int], CellState]]:
@@ -902,7 +927,7 @@ def run_grid(record: RunRecord, results_dir: Path, grid: Grid) -> None:
         run_dir = cell_dir(grid.runs_dir, dataset, policy, seed)
         label = f"[{index}/{len(cells)}] {dataset} / {policy} / seed {seed}"
         cfg = grid.config(seed, dataset, policy)
-        digest = config_hash(cfg)
+        digest = cell_digest(cfg, run_dir, policy)
         state = grid.state(seed, dataset, policy, digest)
         if state.finished and not (grid.args.rerun_stale and state.flags):
             continue

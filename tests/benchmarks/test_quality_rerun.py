@@ -152,3 +152,28 @@ def test_a_dataset_that_changed_under_its_cells_is_refused(hopper_random_hdf5, t
     assert "return_mean differ" in (new_cell / "error.txt").read_text()
     grid(out, hopper_random_hdf5, "--seed-list", "1")  # the recorded data again: trains, and pins its sha256
     assert (new_cell / "eval.json").is_file() and json.loads(record_path.read_text()) == record
+
+
+def test_an_option_added_after_a_cell_was_recorded_reruns_it_only_off_its_default(hopper_random_hdf5, tmp_path) -> None:
+    out = tmp_path / "results"
+    grid(out, hopper_random_hdf5)
+    cell = out / "quality_runs" / "tiny" / "bc" / "seed0"
+
+    def record_without(key: str) -> None:  # as if the option did not exist when the cell ran
+        record = json.loads((cell / "cell.json").read_text())
+        del record["config"]["policy"][key]
+        record["config_sha256"] = quality.config_hash(record["config"])
+        (cell / "cell.json").write_text(json.dumps(record))
+
+    record_without("dropout")  # now at its default, 0.0: the same computation
+    assert [s["state"] for s in grid(out, hopper_random_hdf5, "--status")["grid_status"]] == ["done"]
+    matched = cell.parent.parent / "bc_matched" / "seed0"
+    matched.mkdir(parents=True)
+    for name in ("cell.json", "eval.json"):
+        (matched / name).write_text((cell / name).read_text())
+    cell = matched
+    record_without("hidden_dims")  # bc_matched sets it to 360x360: not what the recorded config computed
+    states = {s["policy"]: s["state"] for s in quality.main(["--quick", "--policies", "bc,bc_matched", "--dataset-path",
+                                                              f"tiny={hopper_random_hdf5}", "--results-dir", str(out),
+                                                              "--status"])["grid_status"]}
+    assert states["bc"] == "done" and states["bc_matched"].startswith("config changed")
