@@ -146,7 +146,9 @@ def on_avx2_code_paths() -> bool:
 def _call_on_avx2_code_paths(function: str, arguments: dict[str, Any], what: str) -> None:
     """Call this module's ``function(**arguments)`` (JSON arguments) in a child process on the AVX2 code paths."""
     code = f"import json, sys; from kinema.datasets import suite; suite.{function}(**json.loads(sys.argv[1]))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env={**os.environ, **AVX2_CODE_PATHS})
+    # The child imports what this process imports: same interpreter, same module search path.
+    environment = {**os.environ, **AVX2_CODE_PATHS, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=environment)
     if done.returncode != 0:
         raise DatasetError(f"{what} failed in its child process on the AVX2 code paths (exit code {done.returncode}; "
                            f"its error is printed above); the child ran {sys.executable} with {AVX2_CODE_PATHS}")
@@ -222,6 +224,11 @@ def library_versions() -> dict[str, str]:
         "torch": torch.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version,
         "python": ".".join(map(str, sys.version_info[:2])), "cpu": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def generating_libraries() -> dict[str, str]:
+    """library_versions() as a generation started here sees them (AVX2 when it runs in a child on the AVX2 code paths)."""
+    return library_versions() if on_avx2_code_paths() else {**library_versions(), "cpu": "AVX2"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,7 +460,7 @@ def verify_dataset_file(path: Path, entry: dict[str, Any], name: str, manifest_p
         raise DatasetError(
             f"{path}: regenerated {name} has sha256 {actual}, but the suite manifest {manifest_path} expects {expected}; "
             f"{mismatch}. Regeneration is deterministic only with the library versions and the vector code path the "
-            f"manifest records for it ({entry.get('libraries', 'under libraries')}; yours: {library_versions()}); "
+            f"manifest records for it ({entry.get('libraries', 'under libraries')}; yours: {generating_libraries()}); "
             "the file was kept for inspection."
         )
     raise DatasetError(
