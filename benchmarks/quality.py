@@ -12,8 +12,8 @@ modules and every ``kinema.policies`` entry point, e.g. the HuggingFace peer ``h
 ``benchmarks/hf_peer.py``) or grid variants of one (``VARIANTS``: ``dt_full``, the paper's
 full-context DT, ``attention_window=0``, beside kinema's banded default; ``at_final``, AT
 with its loss on the final, best trial of each chain only; ``at_own``, ``at_summary`` and
-``at_own_summary``, ``at_later_summary``, ``at_steps``, ``at_later_summary_steps``, AT's relabelling,
-trial-summary and window-weight options), x suite datasets (generated on
+``at_own_summary``, ``at_later_summary``, ``at_steps``, ``at_later_summary_steps``, ``at_own_steps``,
+``at_single``: AT's relabelling, trial-summary, window-weight and chain-length options), x suite datasets (generated on
 first use by ``kinema.datasets.suite``; ``--datasets`` overrides, ``--dataset-path
 NAME=FILE`` points a name at any D4RL/Minari file) x seeds. No family is named anywhere
 else: quality.json records each policy's label (the family's ``label``; a variant's adds
@@ -115,6 +115,9 @@ VARIANTS = {
     "at_steps": Variant("at", {"window_start": "episode"}, "windows weighted as DT's"),
     "at_later_summary_steps": Variant("at", {"relabel": "later_trials", "trial_summary": True, "window_start": "episode"},
                                       "chain's best target on later trials only, previous-trial summary, windows weighted as DT's"),
+    "at_own_steps": Variant("at", {"relabel": "own_return", "window_start": "episode"},
+                            "true returns-to-go, windows weighted as DT's"),
+    "at_single": Variant("at", {"max_chain_len": 1}, "one-episode chains"),  # DT plus the reward and completion tokens
     # The Body Transformer study (issue: BoT >= vanilla transformer and MLP?): the three BoT variants have the
     # same parameters; bc_matched is BC's MLP widened to about BoT's count (4x64: 142k on ant, 138k on walker2d).
     "bot_hard": Variant("bot", {"variant": "hard"}, "hard"),
