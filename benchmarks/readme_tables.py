@@ -320,6 +320,16 @@ def diffusion_quality_section(data: dict[str, Any]) -> str:
     return intro + "\n\n" + quality_section(data, "diffusion/quality.json")
 
 
+def at_ablation_section(data: dict[str, Any]) -> str:
+    intro = ("**Agentic Transformer ablation** (issue 19: AT's first trial ≥ DT's, and its last trial above its first): "
+             "variants of AT's options against DT at the grid's budget; each label says what differs from the default "
+             "AT (targets relabelled to the chain's best return, windows starting anywhere in the chain, no trial "
+             "summary). `walker2d-medium-replay-avx2` is the suite's walker2d-medium-replay as kinema generates it now "
+             "(the same file); its DT cells are the diffusion grid's (same config). Text: \"Agentic Transformer: what "
+             "was tried\".")
+    return intro + "\n\n" + quality_section(data, "at/quality.json")
+
+
 def diffusion_speed_section(data: dict[str, Any]) -> str:
     config, target = data["config"], data["target"]
     peer = data.get("peer", {})
@@ -508,6 +518,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "bot_speed": bot_speed_section,
     "rl_quality": rl_quality_section,
     "diffusion/quality": diffusion_quality_section,
+    "at/quality": at_ablation_section,
     "diffusion_speed": diffusion_speed_section,
     "diffusion_inference": diffusion_inference_section,
     "diffusion_modes": diffusion_modes_section,

@@ -9,13 +9,10 @@ return R_max, so its return-to-go is R_max minus the rewards collected so far *i
 episode*: a sub-optimal episode i ends at R_max - R_i > 0, the best one ends at 0. DT's
 windows are cut from the chain (a uniform start, up to K steps), so windows cross episode
 boundaries; timesteps restart at 0 in every episode (they are the time within a
-trial). Why windows and not whole chains: a whole chain costs far more than a CPU budget
-allows (the paper trained on TPUs). On walker2d-medium-replay a chain averages 755 steps
-(2,265 tokens), and one training sample costs 164x a K = 20 window, so the quality grid's
-5k steps x batch 64 would take at least 26 h on this 2-core CPU instead of about 10 minutes
-(``python benchmarks/chain_cost.py``; D4RL's 1000-step episodes make it worse). K-step windows
-keep AT's cost equal to DT's and let the model see the end of the previous, worse trial in
-its context for the first K steps of a new one.
+trial). Why windows and not whole chains: a whole chain costs far more work per sample than a
+CPU budget allows (the paper trained on TPUs; README, "Whole chains vs windows"). K-step windows
+keep AT's cost equal to DT's and let the model see the end of the previous, worse trial in its
+context for the first K steps of a new one.
 
 Completion token d_t: 1 once the episode's cumulative reward up to and including step t
 has reached the relabelled target (sticky: it stays 1 for the rest of that trial even if
@@ -65,35 +62,10 @@ nothing before it, but in a chain every trial except the first (the worst) follo
 predecessor, so nearly all training windows over a good trial's first steps show a failed
 episode's tail. With probability ``fresh_trial_prob`` a window hides its earlier trials
 (they become left padding), so trial starts are also seen the way a first trial meets them;
-the other windows keep the predecessor that trials 2..n meet at test time. Measured on
-walker2d-medium-replay (seed 0): replaying the first 50 steps of a trial with a well-trained
-policy's actions (AT with one-episode chains) and then handing control to a chain-trained AT
-(``fresh_trial_prob=0``) lengthens its episodes from 113-190 steps to 557-1000 (4 episodes
-each, both losses), so its failure sat in the trial's opening; hiding predecessors in
-half the windows lifts the first-trial score from 8.8 to 21.9 (``loss_on="final_trial"``:
-9.6 to 15.9), in all of them to 19.8 (21.7).
+the other windows keep the predecessor that trials 2..n meet at test time.
 
-Known limitation, measured on kinema's walker2d-medium-replay (5k steps, batch 64, seed 0,
-first trial): chains of one episode (``max_chain_len=1``: DT plus the reward and completion
-tokens) score 79.7 (DT: 64.2 ± 8.0 over 3 seeds); the default chains of up to 4 score 21.9, about
-BC's 17.9 (22.0 ± 5.0 over seeds 0-2 in the quality grid). In seeds 0 and 1 later trials do
-not improve on the first (mean scores of trials 1-4 in one context: 21.1, 22.4, 22.2, 21.1 and
-16.0, 16.8, 16.6, 16.7); seed 2 does: 26.6, 33.3, 34.2, 41.9.
-Hiding every predecessor (``fresh_trial_prob=1``) scores no better (19.8; final-trial loss
-21.7), so the rest of the gap to DT does not come from the cross-trial context but from the
-chains' relabelling and selection, which take away the return token's grip on the actions.
-In closed loop (5 episodes per target, walker2d-medium-replay, seed 0) DT scores 13.4 / 33.2 /
-63.3 at targets 500 / 1000 / 3634 and AT with one-episode chains 13.6 / 38.6 / 78.3, while
-the chain-trained AT scores 19.0 / 19.4 / 22.7 (loss on all trials) and 15.8 / 15.8 / 16.0
-(final trial): whatever the target, it plays one mediocre gait. Our reading: DT learns to
-steer by the return from the contrast between many low-return and a few high-return episodes (only 3 of
-993 episodes last 900+ steps). With the loss on every trial, relabelling gives the worse
-episodes the chain's best target, and beyond a trial's first K steps a window cannot tell a
-relabelled target from a true one (offline, with ``fresh_trial_prob=0``, raising the
-return-to-go by 2000 moves the actions by 0.017 on average, DT's by 0.094); with the loss on
-the best trial only, the targets are true but the best-of-c selection drops most low-return
-episodes. The paper keeps whole chains in context, 164x the work per sample here (above).
-``policy.max_chain_len`` sets the chain length.
+What each choice scored, and what limits the model on kinema's data: README, "Agentic
+Transformer: what was tried". ``policy.max_chain_len`` sets the chain length.
 """
 
 from __future__ import annotations

@@ -24,15 +24,8 @@ One sample:
    so the window opens on that trial's first step as a test context's first trial does
    (``kinema.policies.at`` gives the measurements).
 
-Why start-aligned windows (measured on walker2d-medium-replay, 5k steps, seed 0): the
-Decision Transformer trained on chains of one episode scored 18.7 with windows cut at a
-uniformly drawn *end* step and 76.6 with start-aligned ones (63.7 / 74.2, seeds 0 / 1,
-with its own window sampler); AT with one-episode chains went from 15.6 to 79.7. The
-two differ only within K steps of an episode boundary: end-aligned windows show an
-episode's last K-1 steps fewer times than the others and only with a long history,
-start-aligned windows show them as often as any step, from every history length (and
-shortchange the first K-1 steps instead). Most of medium-replay's episodes are short
-failures (median 185 steps), so this reweights a large share of the data.
+Windows are start-aligned because, measured, end-aligned ones cost DT and AT most of their score
+on walker2d-medium-replay (README, "Agentic Transformer: what was tried").
 
 Besides the ``windows`` keys (observations, actions, rewards, returns_to_go — relabelled
 and unscaled — timesteps restarting at 0 in each episode, mask) a batch holds:
