@@ -564,12 +564,12 @@ def promote_rerun(run_dir: Path) -> None:
 
 # -- one cell ------------------------------------------------------------------------------------
 def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
-    """Once per dataset: its size, average return (the bar a policy should clear) and sha256.
+    """Once per dataset: its size, average return (the bar a policy should clear) and content digest.
 
     Afterwards, a GridError when the dataset now resolves to other data than the recorded one
     (regenerated differently, another --dataset-path file): the dataset's cells would mix results
     on two datasets."""
-    from kinema.datasets.suite import sha256_of_file
+    from kinema.datasets.suite import content_record
     from kinema.envs import reference_returns
     from kinema.train.data import resolve_dataset
 
@@ -579,7 +579,9 @@ def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
         "name": data.name, "path": str(data.path), "task": data.task.name, "episodes": int(len(returns)),
         "transitions": int(data.dataset.num_transitions), "return_mean": float(returns.mean()),
         "return_max": float(returns.max()), "reference_returns": data.reference_returns,
-        "sha256": sha256_of_file(data.path) if data.path.is_file() else None,  # a Minari dataset is a folder
+        # The suite's digest of the arrays a policy trains on and the metadata (not of float64 infos/*, whose last
+        # bits may differ between CPUs); a Minari dataset is a folder, compared by its summary.
+        "content_sha256": content_record(data.path)["content_sha256"] if data.path.is_file() else None,
     }
     ref_min, ref_max, source = reference_returns(data.task, data.reference_returns)
     info.update({"reference_source": source, "normalized_return_mean": 100 * (info["return_mean"] - ref_min) / (ref_max - ref_min)})
@@ -587,21 +589,21 @@ def describe_dataset(cfg: dict[str, Any], out: Path) -> None:
     if recorded is None:
         write_json(out, info)
         return
-    # Records from before sha256 was kept are compared by what they hold.
-    keys = ("sha256",) if recorded.get("sha256") and info["sha256"] else ("episodes", "transitions", "return_mean")
+    # Records from before the digest was kept are compared by what they hold.
+    keys = ("content_sha256",) if recorded.get("content_sha256") and info["content_sha256"] else ("episodes", "transitions", "return_mean")
     changed = [key for key in keys if recorded.get(key) != info[key]]
     if changed:
         def described(record: dict[str, Any]) -> str:
             return (f"{record.get('episodes')} episodes, return mean {record.get('return_mean')}, "
-                    f"sha256 {record.get('sha256') or 'not recorded'}")
+                    f"content digest {record.get('content_sha256') or 'not recorded'}")
         raise GridError(
             f"{out} records the data this dataset's cells trained on ({described(recorded)}), but "
             f"{info['name']} now resolves to {data.path} ({described(info)}): {', '.join(changed)} differ. Training here "
             f"would mix results on two datasets in one row: move {out.parent} aside, use another --results-dir, or give "
             "the new data another name with --dataset-path NAME=FILE"
         )
-    if not recorded.get("sha256") and info["sha256"]:
-        write_json(out, {**recorded, "sha256": info["sha256"]})  # the same data: pin it from now on
+    if not recorded.get("content_sha256") and info["content_sha256"]:
+        write_json(out, {**recorded, "content_sha256": info["content_sha256"]})  # the same data: pin it from now on
 
 
 def prepare_cell(run_dir: Path, policy: str, cfg: dict[str, Any], digest: str, state: CellState) -> tuple[Path, str | None]:

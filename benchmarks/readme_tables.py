@@ -191,9 +191,9 @@ def _former_suite_builds(datasets: dict[str, Any]) -> dict[str, str]:
         entry = manifest.get(name)
         if entry is None or info.get("episodes") is None:
             continue  # not a suite dataset (a --dataset-path file)
-        if info.get("sha256"):
-            same = info["sha256"] == entry["sha256"]
-        else:  # recorded before grids kept the sha256
+        if info.get("content_sha256") and entry.get("content_sha256"):
+            same = info["content_sha256"] == entry["content_sha256"]
+        else:  # recorded before grids kept the content digest
             same = info["episodes"] == entry["episodes"] and abs(info["return_mean"] - entry["return_mean"]) <= 1e-6 * abs(entry["return_mean"])
         if not same:
             former[name] = (f"{name} trained on an earlier build of the suite's file ({info['episodes']} episodes, return mean "

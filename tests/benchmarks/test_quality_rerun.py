@@ -136,7 +136,7 @@ def test_a_dataset_that_changed_under_its_cells_is_refused(hopper_random_hdf5, t
     grid(out, hopper_random_hdf5)
     record_path = out / "quality_runs" / "tiny" / "dataset.json"
     record = json.loads(record_path.read_text())
-    assert len(record["sha256"]) == 64
+    assert len(record["content_sha256"]) == 64
     changed = tmp_path / "changed.hdf5"
     changed.write_bytes(hopper_random_hdf5.read_bytes())
     with h5py.File(changed, "r+") as file:
@@ -144,13 +144,13 @@ def test_a_dataset_that_changed_under_its_cells_is_refused(hopper_random_hdf5, t
     grid(out, changed, "--seed-list", "1")
     assert "FAILED: GridError: " in capsys.readouterr().err
     new_cell = out / "quality_runs" / "tiny" / "bc" / "seed1"
-    assert "sha256 differ" in (new_cell / "error.txt").read_text() and not (new_cell / "eval.json").exists()
+    assert "content_sha256 differ" in (new_cell / "error.txt").read_text() and not (new_cell / "eval.json").exists()
     assert json.loads(record_path.read_text()) == record
-    # A record from before sha256 was kept is compared by what it holds.
-    record_path.write_text(json.dumps({key: value for key, value in record.items() if key != "sha256"}))
+    # A record from before the digest was kept is compared by what it holds.
+    record_path.write_text(json.dumps({key: value for key, value in record.items() if key != "content_sha256"}))
     grid(out, changed, "--seed-list", "1")
     assert "return_mean differ" in (new_cell / "error.txt").read_text()
-    grid(out, hopper_random_hdf5, "--seed-list", "1")  # the recorded data again: trains, and pins its sha256
+    grid(out, hopper_random_hdf5, "--seed-list", "1")  # the recorded data again: trains, and pins its digest
     assert (new_cell / "eval.json").is_file() and json.loads(record_path.read_text()) == record
 
 
