@@ -130,7 +130,6 @@ class ChainSampler(EpisodeSampler):
         chain_len = used.sum(axis=1)
         returns = np.where(used, self.episode_return[episodes], np.inf)  # unused slots sort last
         order = np.argsort(returns, axis=1, kind="stable")
-        first_drawn = np.argmax(order == 0, axis=1)  # where the first drawn episode (never a repeat) is sorted to
         episodes = np.take_along_axis(episodes, order, axis=1)
         returns = np.take_along_axis(returns, order, axis=1)
         used = np.arange(m)[None, :] < chain_len[:, None]  # the used slots now come first
@@ -142,6 +141,7 @@ class ChainSampler(EpisodeSampler):
         # DT's (kzl's) windows: a uniform start, up to K steps not past the chain's end, left-padded.
         if self.window_start == "episode":
             rows = np.arange(batch)
+            first_drawn = np.argmax(order == 0, axis=1)  # where the first drawn episode (never a repeat) was sorted to
             start = offsets[rows, first_drawn] + rng.integers(0, lengths[rows, first_drawn])
         else:
             start = rng.integers(0, chain_steps)
