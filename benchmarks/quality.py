@@ -54,7 +54,10 @@ normalised score. Scores use the dataset's own reference returns (Minari's conve
 D4RL-reference scores are reported too. Families for which several trials per context mean
 something (``multi_trial``) are also played ``--trials`` trials in a row per context
 (``kinema.envs.trials.evaluate_trials``) and reported three ways: first trial, last trial,
-best of n. How long a grid takes: docs/benchmarks.md.
+best of n. With ``--eval-every N`` a cell is also evaluated every N steps during training on the
+same start states, and the rows add a *late score*: each seed's mean over the evaluations in the
+last half of training (final included), which averages out the swings of a single checkpoint.
+How long a grid takes: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ VARIANTS = {
     "bot_vanilla": Variant("bot", {"variant": "vanilla"}, "vanilla (no body mask)"),
     "bc_matched": Variant("bc", {"hidden_dims": [360, 360]}, "360x360, matched to BoT's parameters"),
 }
+LATE_FRACTION = 0.5  # --eval-every: the late score averages the evaluations from this share of the budget on
 WARMUP_FRACTION = 0.1  # a recipe's warm-up, if it has one, is 10% of the budget (DT: 10k of 100k steps)
 EVAL_JSON, TRIALS_JSON, CELL_JSON, DATASET_JSON, LOCK = "eval.json", "trials.json", "cell.json", "dataset.json", ".lock"
 ERROR_TXT = "error.txt"
@@ -224,6 +228,8 @@ def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed:
     # One protocol for every policy's headline score: single episodes from the same start states.
     # Multi-trial scores come from a separate run into trials.json (a family's own eval.trials is overridden).
     cfg["eval"].update({"episodes": args.eval_episodes, "num_envs": min(10, args.eval_episodes), "every": 0, "trials": 1})
+    if args.eval_every:  # the same episodes (start states) at every evaluation, so checkpoints compare like with like
+        cfg["eval"].update({"every": args.eval_every, "episodes_during_training": args.eval_episodes})
     cfg["seed"], cfg["device"], cfg["threads"] = seed, "cpu", args.threads
     if dataset in dataset_paths:
         cfg["dataset"] = {"name": dataset, "path": str(dataset_paths[dataset])}
@@ -651,6 +657,8 @@ def run_cell(policy: str, run_dir: Path, cfg: dict[str, Any], args: argparse.Nam
         elapsed = time.perf_counter() - start
         # The trainer's eval.json plus how long this session spent on the cell.
         result["quality_cell_wall_s"] = round(elapsed, 1)
+        if cfg["eval"]["every"]:
+            result["evaluations"] = evaluations_during_training(work_dir)
         write_json(work_dir / EVAL_JSON, result)
         done.append(f"trained+evaluated in {elapsed / 60:.1f} min")
     if plays_trials(policy) and args.trials > 1 and not (work_dir / TRIALS_JSON).is_file():
@@ -663,6 +671,24 @@ def run_cell(policy: str, run_dir: Path, cfg: dict[str, Any], args: argparse.Nam
         promote_rerun(run_dir)
         done.append("replaced the previous result")
     return ", ".join(done) or "already done"
+
+
+def evaluations_during_training(run_dir: Path) -> list[dict[str, Any]]:
+    """Every evaluation of a run, the final one included, from its metrics log (one per step, the last logged)."""
+    from kinema.train.metrics import METRICS_JSONL, read_rows
+
+    by_step = {}
+    for row in read_rows(run_dir / METRICS_JSONL):
+        if "eval/normalized_score_mean" in row:
+            by_step[int(row["step"])] = {"step": int(row["step"]), "normalized_score_mean": row["eval/normalized_score_mean"],
+                                         "return_mean": row["eval/return_mean"]}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def late_score(evaluations: list[dict[str, Any]], steps: int) -> float | None:
+    """Mean normalised score of the evaluations in the last half of training (the final one included)."""
+    late = [e["normalized_score_mean"] for e in evaluations if e["step"] >= LATE_FRACTION * steps]
+    return float(np.mean(late)) if late else None
 
 
 def run_trials(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -738,6 +764,7 @@ def collect_cells(runs_dir: Path, states: dict[tuple[str, str, int], CellState],
             "target_return": evaluation.get("target_return"),
             "return_mean": evaluation.get("return_mean"),
             "normalized_score": evaluation.get("normalized_score_mean"),
+            "late_score": late_score(evaluation["evaluations"], evaluation["step"]) if evaluation.get("evaluations") else None,
             "reference_source": evaluation.get("reference_source"),
             "d4rl_score": d4rl_score(evaluation["task"], evaluation["return_mean"]) if evaluation.get("task") else None,
             "wall_s": evaluation.get("quality_cell_wall_s"),
@@ -777,6 +804,10 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["score_mean"], row["score_std"] = _mean_std(scores)
         row["d4rl_score_mean"], row["d4rl_score_std"] = _mean_std(d4rl)
         row["return_mean"], _ = _mean_std([c["return_mean"] for c in members])
+        late = [c["late_score"] for c in members if c.get("late_score") is not None]
+        if late:
+            row["late_score_mean"], row["late_score_std"] = _mean_std(late)
+            row["late_seeds"] = len(late)
         flags: dict[str, list[int]] = {}
         for cell in members:
             for flag in cell["flags"]:
@@ -850,6 +881,10 @@ def write_aggregate(record: RunRecord, results_dir: Path, grid: Grid) -> dict[st
             "recipes": "each family's own (policy.recipe), warm-up scaled to " + f"{WARMUP_FRACTION:.0%} of steps",
             "target_return": "best episode return in the training data (eval.target_return=dataset_max)",
             "reported": "last evaluation (final checkpoint); mean ± std (ddof=0) over seeds of per-seed mean normalised score",
+            "eval_every": args.eval_every,
+            **({"late_score": "each seed's mean over its evaluations in the last half of training (steps >= "
+                              f"{LATE_FRACTION:g} x steps, the final one included), mean ± std over seeds"}
+               if args.eval_every else {}),
             "score_reference": "dataset reference returns (Minari convention); d4rl_score uses D4RL's",
             "trials_protocol": "multi-trial families: first trial, last trial and best of n trials played in one context (kinema.envs.trials)",
             "cell_records": "cell.json: sha256 of the resolved trainer config (canonical JSON, without "
@@ -911,6 +946,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Path]:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--trials", type=int, default=4, help="trials per context for multi-trial families (1 = skip)")
     parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also evaluate every N steps during training (--eval-episodes each, the same start states) "
+                             "and report the late score, the mean over the last half of training (0 = final evaluation only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leave the other core to others)")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="where quality.json and quality_runs/ live (default: benchmarks/results/ in a checkout)")
@@ -922,6 +960,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Path]:
     if args.quick:
         args.steps, args.batch_size, args.eval_episodes, args.trials, args.seeds, args.checkpoint_every = 4, 8, 2, 2, 1, 2
     require_positive(parser, args, ("steps", "batch_size", "eval_episodes", "trials", "seeds", "checkpoint_every", "threads"))
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be >= 0 (0 = final evaluation only), got {args.eval_every}")
     return args, results_dir_or_error(parser, args.results_dir)
 
 

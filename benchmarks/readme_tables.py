@@ -239,6 +239,13 @@ def quality_section(data: dict[str, Any], file: str = "quality.json") -> str:
         headers = ["dataset", "dataset average"] + [labels.get(p, p) for p in policies]
         parts.append(f"{steps} steps, batch {batch_size} — mean ± std over seeds (number of seeds):")
         parts.append(_table(headers, rows))
+        late_rows = [[dataset] + [f"{cell['late_score_mean']:.1f} ± {cell['late_score_std']:.1f} ({cell['late_seeds']})"
+                                  if (cell := by_key.get((dataset, policy))) and cell.get("late_score_mean") is not None else "–"
+                                  for policy in policies] for dataset in datasets]
+        if any(value != "–" for row in late_rows for value in row[1:]):
+            parts.append(f"The same cells' late score: {protocol['late_score']}, evaluated every {protocol['eval_every']} steps "
+                         "(one checkpoint's score swings from evaluation to evaluation):")
+            parts.append(_table(["dataset"] + headers[2:], late_rows))
         trial_rows = []
         for (dataset, policy), cell in sorted(by_key.items()):
             trials = cell.get("trials")

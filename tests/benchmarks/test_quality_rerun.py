@@ -177,3 +177,22 @@ def test_an_option_added_after_a_cell_was_recorded_reruns_it_only_off_its_defaul
                                                               f"tiny={hopper_random_hdf5}", "--results-dir", str(out),
                                                               "--status"])["grid_status"]}
     assert states["bc"] == "done" and states["bc_matched"].startswith("config changed")
+
+
+def test_evaluations_during_training_give_each_row_a_late_score(hopper_random_hdf5, tmp_path) -> None:
+    out = tmp_path / "results"
+    data = grid(out, hopper_random_hdf5, "--eval-every", "1")  # --quick: 4 steps, so evaluations at 1, 2, 3 and 4
+    evaluation = json.loads((out / "quality_runs" / "tiny" / "bc" / "seed0" / "eval.json").read_text())
+    assert [e["step"] for e in evaluation["evaluations"]] == [1, 2, 3, 4]
+    assert evaluation["evaluations"][-1]["normalized_score_mean"] == pytest.approx(evaluation["normalized_score_mean"])
+    late = [e["normalized_score_mean"] for e in evaluation["evaluations"][1:]]  # steps >= half of 4
+    (row,) = data["table"]
+    assert row["late_score_mean"] == pytest.approx(sum(late) / 3, abs=0.01) and row["late_seeds"] == 1
+    assert data["protocol"]["eval_every"] == 1 and "last half" in data["protocol"]["late_score"]
+    assert quality.late_score([{"step": 1, "normalized_score_mean": 5.0}], steps=4) is None
+    from kinema.benchmarks import readme_tables
+
+    section = readme_tables.quality_section(data)
+    assert "late score" in section and f"{row['late_score_mean']:.1f} ± 0.0 (1)" in section
+    with pytest.raises(SystemExit):
+        grid(out, hopper_random_hdf5, "--eval-every", "-1")
