@@ -721,6 +721,10 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return round(float(array.mean()), 2), round(float(array.std()), 2)
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def d4rl_score(task: str, return_mean: float) -> float | None:
     from kinema.envs import get_task
 
@@ -764,7 +768,7 @@ def collect_cells(runs_dir: Path, states: dict[tuple[str, str, int], CellState],
             "target_return": evaluation.get("target_return"),
             "return_mean": evaluation.get("return_mean"),
             "normalized_score": evaluation.get("normalized_score_mean"),
-            "late_score": late_score(evaluation["evaluations"], evaluation["step"]) if evaluation.get("evaluations") else None,
+            "late_score": _rounded(late_score(evaluation["evaluations"], evaluation["step"])) if evaluation.get("evaluations") else None,
             "reference_source": evaluation.get("reference_source"),
             "d4rl_score": d4rl_score(evaluation["task"], evaluation["return_mean"]) if evaluation.get("task") else None,
             "wall_s": evaluation.get("quality_cell_wall_s"),
@@ -773,6 +777,8 @@ def collect_cells(runs_dir: Path, states: dict[tuple[str, str, int], CellState],
             "state": states[key].state,
             "flags": states[key].flags,
         }
+        if evaluation.get("evaluations"):
+            cell["evaluations"] = {str(e["step"]): round(e["normalized_score_mean"], 2) for e in evaluation["evaluations"]}
         trials_path = run_dir / TRIALS_JSON
         if trials_path.is_file():
             trials = json.loads(trials_path.read_text())

@@ -337,6 +337,24 @@ def at_ablation_section(data: dict[str, Any]) -> str:
     return intro + "\n\n" + quality_section(data, "at/quality.json")
 
 
+def at_checkpoint_noise_section(data: dict[str, Any]) -> str:
+    intro = ("**Checkpoint noise on walker2d-medium-replay** (issue 19): DT, AT and AT with one-episode chains at the "
+             "grid's budget, each cell also evaluated every "
+             f"{data['protocol']['eval_every']} steps on the same start states, so a row's late score averages over "
+             "the swings of single checkpoints. Text: \"Agentic Transformer: what was tried\".")
+    labels = {entry["policy"]: entry["label"] for entry in data.get("policies", [])}
+    order = [entry["policy"] for entry in data.get("policies", [])]
+    cells = sorted((c for c in data["cells"] if c.get("evaluations")),
+                   key=lambda c: (c["dataset"], order.index(c["policy"]) if c["policy"] in order else len(order), c["seed"]))
+    steps = sorted({int(step) for c in cells for step in c["evaluations"] if int(step) >= data["protocol"]["steps"] / 2})
+    rows = [[c["dataset"], labels.get(c["policy"], c["policy"]), c["seed"],
+             *(_fmt(c["evaluations"].get(str(step)), 1) for step in steps), _fmt(c["late_score"], 1)] for c in cells]
+    per_checkpoint = ("Each cell's evaluations over the last half of training (normalised score, mean of "
+                      f"{data['protocol']['eval_episodes']} episodes):")
+    headers = ["dataset", "policy", "seed", *(f"step {step}" for step in steps), "late score"]
+    return "\n\n".join([intro, quality_section(data, "at_late/quality.json"), per_checkpoint, _table(headers, rows)])
+
+
 def diffusion_speed_section(data: dict[str, Any]) -> str:
     config, target = data["config"], data["target"]
     peer = data.get("peer", {})
@@ -526,6 +544,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "rl_quality": rl_quality_section,
     "diffusion/quality": diffusion_quality_section,
     "at/quality": at_ablation_section,
+    "at_late/quality": at_checkpoint_noise_section,
     "diffusion_speed": diffusion_speed_section,
     "diffusion_inference": diffusion_inference_section,
     "diffusion_modes": diffusion_modes_section,
