@@ -346,7 +346,9 @@ def at_checkpoint_noise_section(data: dict[str, Any]) -> str:
     order = [entry["policy"] for entry in data.get("policies", [])]
     cells = sorted((c for c in data["cells"] if c.get("evaluations")),
                    key=lambda c: (c["dataset"], order.index(c["policy"]) if c["policy"] in order else len(order), c["seed"]))
-    steps = sorted({int(step) for c in cells for step in c["evaluations"] if int(step) >= data["protocol"]["steps"] / 2})
+    from kinema.benchmarks.quality import LATE_FRACTION
+
+    steps = sorted({int(step) for c in cells for step in c["evaluations"] if int(step) >= LATE_FRACTION * data["protocol"]["steps"]})
     rows = [[c["dataset"], labels.get(c["policy"], c["policy"]), c["seed"],
              *(_fmt(c["evaluations"].get(str(step)), 1) for step in steps), _fmt(c["late_score"], 1)] for c in cells]
     per_checkpoint = ("Each cell's evaluations over the last half of training (normalised score, mean of "
