@@ -722,7 +722,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
+    return None if value is None else round(value, 4)  # tables show one decimal: no double rounding
 
 
 def d4rl_score(task: str, return_mean: float) -> float | None:
@@ -778,7 +778,7 @@ def collect_cells(runs_dir: Path, states: dict[tuple[str, str, int], CellState],
             "flags": states[key].flags,
         }
         if evaluation.get("evaluations"):
-            cell["evaluations"] = {str(e["step"]): round(e["normalized_score_mean"], 2) for e in evaluation["evaluations"]}
+            cell["evaluations"] = {str(e["step"]): round(e["normalized_score_mean"], 4) for e in evaluation["evaluations"]}
         trials_path = run_dir / TRIALS_JSON
         if trials_path.is_file():
             trials = json.loads(trials_path.read_text())

@@ -195,6 +195,6 @@ def test_evaluations_during_training_give_each_row_a_late_score(hopper_random_hd
     section = readme_tables.quality_section(data)
     assert "late score" in section and f"{row['late_score_mean']:.1f} ± 0.0 (1)" in section
     per_cell = readme_tables.at_checkpoint_noise_section(data).splitlines()[-1]  # each cell's late evaluations
-    assert per_cell.split(" | ")[3:] == [f"{round(score, 2):.1f}" for score in late] + [f"{row['late_score_mean']:.1f} |"]
+    assert per_cell.split(" | ")[3:] == [f"{round(score, 4):.1f}" for score in late] + [f"{row['late_score_mean']:.1f} |"]
     with pytest.raises(SystemExit):
         grid(out, hopper_random_hdf5, "--eval-every", "-1")
