@@ -685,10 +685,11 @@ def evaluations_during_training(run_dir: Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def late_score(evaluations: list[dict[str, Any]], steps: int) -> float | None:
-    """Mean normalised score of the evaluations in the last half of training (the final one included)."""
-    late = [e["normalized_score_mean"] for e in evaluations if e["step"] >= LATE_FRACTION * steps]
-    return float(np.mean(late)) if late else None
+def late_score(evaluations: list[dict[str, Any]], steps: int | None) -> float | None:
+    """Mean normalised score of the evaluations in the last half of training (the final one included), to 4
+    decimals (tables show one: no double rounding); None without evaluations."""
+    late = [e["normalized_score_mean"] for e in evaluations if steps is not None and e["step"] >= LATE_FRACTION * steps]
+    return round(float(np.mean(late)), 4) if late else None
 
 
 def run_trials(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -719,10 +720,6 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
         return None, None
     array = np.asarray(values, dtype=np.float64)
     return round(float(array.mean()), 2), round(float(array.std()), 2)
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)  # tables show one decimal: no double rounding
 
 
 def d4rl_score(task: str, return_mean: float) -> float | None:
@@ -768,7 +765,7 @@ def collect_cells(runs_dir: Path, states: dict[tuple[str, str, int], CellState],
             "target_return": evaluation.get("target_return"),
             "return_mean": evaluation.get("return_mean"),
             "normalized_score": evaluation.get("normalized_score_mean"),
-            "late_score": _rounded(late_score(evaluation["evaluations"], evaluation["step"])) if evaluation.get("evaluations") else None,
+            "late_score": late_score(evaluation.get("evaluations", []), evaluation.get("step")),
             "reference_source": evaluation.get("reference_source"),
             "d4rl_score": d4rl_score(evaluation["task"], evaluation["return_mean"]) if evaluation.get("task") else None,
             "wall_s": evaluation.get("quality_cell_wall_s"),
