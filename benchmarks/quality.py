@@ -13,7 +13,8 @@ modules and every ``kinema.policies`` entry point, e.g. the HuggingFace peer ``h
 full-context DT, ``attention_window=0``, beside kinema's banded default; ``at_final``, AT
 with its loss on the final, best trial of each chain only; ``at_own``, ``at_summary`` and
 ``at_own_summary``, ``at_later_summary``, ``at_steps``, ``at_later_summary_steps``, ``at_own_steps``,
-``at_single``: AT's relabelling, trial-summary, window-weight and chain-length options), x suite datasets (generated on
+``at_single``: AT's relabelling, trial-summary, window-weight and chain-length options;
+``dt_ema``, ``at_ema``, ``at_single_ema``: the recipe's EMA of weights), x suite datasets (generated on
 first use by ``kinema.datasets.suite``; ``--datasets`` overrides, ``--dataset-path
 NAME=FILE`` points a name at any D4RL/Minari file) x seeds. No family is named anywhere
 else: quality.json records each policy's label (the family's ``label``; a variant's adds
@@ -121,6 +122,10 @@ VARIANTS = {
     "at_own_steps": Variant("at", {"relabel": "own_return", "window_start": "episode"},
                             "true returns-to-go, windows weighted as DT's"),
     "at_single": Variant("at", {"max_chain_len": 1}, "one-episode chains"),  # DT plus the reward and completion tokens
+    # Checkpoint noise: an EMA of the weights (diffusion_policy's warm-up) is what the evaluations see.
+    "dt_ema": Variant("dt", {"recipe": {"ema": True}}, "EMA of weights"),
+    "at_ema": Variant("at", {"recipe": {"ema": True}}, "EMA of weights"),
+    "at_single_ema": Variant("at", {"max_chain_len": 1, "recipe": {"ema": True}}, "one-episode chains, EMA of weights"),
     # The Body Transformer study (issue: BoT >= vanilla transformer and MLP?): the three BoT variants have the
     # same parameters; bc_matched is BC's MLP widened to about BoT's count (4x64: 142k on ant, 138k on walker2d).
     "bot_hard": Variant("bot", {"variant": "hard"}, "hard"),
@@ -206,6 +211,15 @@ def column_order(requested: Sequence[str], on_disk: Sequence[str]) -> list[str]:
     return [policy for policy in order if policy in present]
 
 
+def merge_overrides(node: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """A variant's overrides on a family's config node; a nested dict (``recipe``) changes only the keys it names."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            merge_overrides(node[key], value)
+        else:
+            node[key] = copy.deepcopy(value)
+
+
 @functools.lru_cache(maxsize=None)
 def _family_config(family: str) -> str:
     from kinema.train.cli import compose_train_config
@@ -217,7 +231,8 @@ def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed:
     """The trainer config of one cell: kinema's Hydra config with the grid's budget applied."""
     family = family_of(policy)
     cfg = json.loads(_family_config(family))
-    cfg["policy"].update(copy.deepcopy(VARIANTS[policy].overrides) if policy in VARIANTS else {})
+    if policy in VARIANTS:
+        merge_overrides(cfg["policy"], VARIANTS[policy].overrides)
     recipe = cfg["policy"]["recipe"]
     recipe["batch_size"] = args.batch_size
     if recipe["warmup_steps"] > 0:
