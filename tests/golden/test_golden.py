@@ -56,7 +56,7 @@ TRAINING_RUNS = {
     "bc": ["policy=bc", "policy.hidden_dims=[16,16]", "policy.recipe.warmup_steps=8"],
     "dt": ["policy=dt", "policy.embed_dim=16", "policy.n_layers=1", "policy.context_len=6",
            "policy.attention_window=3", "policy.recipe.warmup_steps=8", "policy.recipe.batch_size=8"],
-    "at": ["policy=at", "policy.embed_dim=16", "policy.n_layers=1", "policy.context_len=6",
+    "at": ["policy=at", "policy.embed_dim=16", "policy.n_layers=1", "policy.context_len=6", "policy.max_chain_len=4",
            "policy.attention_window=3", "policy.recipe.warmup_steps=8", "policy.recipe.batch_size=8", "eval.trials=1"],
     "bot": ["policy=bot", "policy.embed_dim=16", "policy.n_layers=2", "policy.n_heads=2", "policy.recipe.batch_size=16"],
     "diffusion": ["policy=diffusion", "policy.embed_dim=16", "policy.n_layers=1", "policy.horizon=6", "policy.n_action_steps=3",
