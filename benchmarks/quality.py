@@ -10,11 +10,12 @@
 Grid: ``--policies`` names registered policy families (``kinema.policies``: the package's
 modules and every ``kinema.policies`` entry point, e.g. the HuggingFace peer ``hf_dt`` in
 ``benchmarks/hf_peer.py``) or grid variants of one (``VARIANTS``: ``dt_full``, the paper's
-full-context DT, ``attention_window=0``, beside kinema's banded default; ``at_final``, AT
-with its loss on the final, best trial of each chain only; ``at_own``, ``at_summary`` and
-``at_own_summary``, ``at_later_summary``, ``at_steps``, ``at_later_summary_steps``, ``at_own_steps``,
-``at_single``: AT's relabelling, trial-summary, window-weight and chain-length options;
-``dt_ema``, ``at_ema``, ``at_single_ema``: the recipe's EMA of weights), x suite datasets (generated on
+full-context DT, ``attention_window=0``, beside kinema's banded default; ``at_chains``, AT's
+earlier default, chains of up to 4 episodes without an EMA of weights, and its ablation: ``at_final``,
+the loss on the final, best trial of each chain only; ``at_own``, ``at_summary`` and
+``at_own_summary``, ``at_later_summary``, ``at_steps``, ``at_later_summary_steps``, ``at_own_steps``:
+AT's relabelling, trial-summary and window-weight options; ``at_single``, AT's one-episode chains
+without the EMA; ``dt_ema``: DT with the recipe's EMA of weights), x suite datasets (generated on
 first use by ``kinema.datasets.suite``; ``--datasets`` overrides, ``--dataset-path
 NAME=FILE`` points a name at any D4RL/Minari file) x seeds. No family is named anywhere
 else: quality.json records each policy's label (the family's ``label``; a variant's adds
@@ -107,25 +108,28 @@ class Variant:
     differs: str = ""
 
 
+AT_CHAINS = {"max_chain_len": 4, "recipe": {"ema": False}}
 VARIANTS = {
     "dt_full": Variant("dt", {"attention_window": 0}, "full context"),  # the paper's DT (kinema's default is banded)
-    "at_final": Variant("at", {"loss_on": "final_trial"}, "loss on the final trial"),  # AT's other loss choice
-    # Issue 19's ablation (AT's first trial >= DT's, and improving from trial to trial?).
-    "at_own": Variant("at", {"relabel": "own_return"}, "true returns-to-go"),
-    "at_summary": Variant("at", {"trial_summary": True}, "previous-trial summary"),
-    "at_own_summary": Variant("at", {"relabel": "own_return", "trial_summary": True}, "true returns-to-go, previous-trial summary"),
-    "at_later_summary": Variant("at", {"relabel": "later_trials", "trial_summary": True},
-                                "chain's best target on later trials only, previous-trial summary"),
-    "at_steps": Variant("at", {"window_start": "episode"}, "windows weighted as DT's"),
-    "at_later_summary_steps": Variant("at", {"relabel": "later_trials", "trial_summary": True, "window_start": "episode"},
-                                      "chain's best target on later trials only, previous-trial summary, windows weighted as DT's"),
-    "at_own_steps": Variant("at", {"relabel": "own_return", "window_start": "episode"},
-                            "true returns-to-go, windows weighted as DT's"),
-    "at_single": Variant("at", {"max_chain_len": 1}, "one-episode chains"),  # DT plus the reward and completion tokens
+    # AT's default before issue 19 (chains of up to 4 episodes, no EMA of weights) and the issue's
+    # ablation of it: does any chain setting give a first trial >= DT's, improving from trial to trial?
+    # Each pins the chain length and EMA, so AT's defaults can change without changing them.
+    "at_chains": Variant("at", AT_CHAINS, "chains of up to 4 episodes, no EMA"),
+    "at_final": Variant("at", {**AT_CHAINS, "loss_on": "final_trial"}, "chains, loss on the final trial, no EMA"),
+    "at_own": Variant("at", {**AT_CHAINS, "relabel": "own_return"}, "chains, true returns-to-go, no EMA"),
+    "at_summary": Variant("at", {**AT_CHAINS, "trial_summary": True}, "chains, previous-trial summary, no EMA"),
+    "at_own_summary": Variant("at", {**AT_CHAINS, "relabel": "own_return", "trial_summary": True},
+                              "chains, true returns-to-go, previous-trial summary, no EMA"),
+    "at_later_summary": Variant("at", {**AT_CHAINS, "relabel": "later_trials", "trial_summary": True},
+                                "chains, the chain's best target on later trials only, previous-trial summary, no EMA"),
+    "at_steps": Variant("at", {**AT_CHAINS, "window_start": "episode"}, "chains, windows weighted as DT's, no EMA"),
+    "at_later_summary_steps": Variant("at", {**AT_CHAINS, "relabel": "later_trials", "trial_summary": True, "window_start": "episode"},
+                                      "chains, the chain's best target on later trials only, previous-trial summary, windows weighted as DT's, no EMA"),
+    "at_own_steps": Variant("at", {**AT_CHAINS, "relabel": "own_return", "window_start": "episode"},
+                            "chains, true returns-to-go, windows weighted as DT's, no EMA"),
+    "at_single": Variant("at", {"max_chain_len": 1, "recipe": {"ema": False}}, "one-episode chains, no EMA"),
     # Checkpoint noise: an EMA of the weights (diffusion_policy's warm-up) is what the evaluations see.
     "dt_ema": Variant("dt", {"recipe": {"ema": True}}, "EMA of weights"),
-    "at_ema": Variant("at", {"recipe": {"ema": True}}, "EMA of weights"),
-    "at_single_ema": Variant("at", {"max_chain_len": 1, "recipe": {"ema": True}}, "one-episode chains, EMA of weights"),
     # The Body Transformer study (issue: BoT >= vanilla transformer and MLP?): the three BoT variants have the
     # same parameters; bc_matched is BC's MLP widened to about BoT's count (4x64: 142k on ant, 138k on walker2d).
     "bot_hard": Variant("bot", {"variant": "hard"}, "hard"),

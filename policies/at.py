@@ -2,6 +2,11 @@
 
 There is no official code; these are kinema's choices (BENCHMARKS.md, "open choices").
 
+Defaults: one-episode chains (``max_chain_len=1``: DT's windows plus the reward and completion
+tokens) and an EMA of the weights for evaluation and checkpoints (``recipe.ema``), the setting
+that scored best on kinema's data (README, "Agentic Transformer: what was tried"). The paper's
+chains of several episodes are ``policy.max_chain_len=4``.
+
 Chains (``kinema.datasets.samplers.chains``, batch kind ``chains``). A chain is 1..max_chain_len
 distinct episodes (drawn in proportion to their length, like DT windows) sorted by
 ascending total return and laid end to end. Every episode's target is relabelled to the chain's maximum
@@ -65,35 +70,43 @@ episode's tail. With probability ``fresh_trial_prob`` a window hides its earlier
 the other windows keep the predecessor that trials 2..n meet at test time.
 
 What each choice scored, and what limits the model on kinema's data: README, "Agentic
-Transformer: what was tried". ``policy.max_chain_len`` sets the chain length.
+Transformer: what was tried".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from kinema.policies import register_policy
+from kinema.policies import Recipe, register_policy
 from kinema.policies.base import BatchSpec, require_positive_int
-from kinema.policies.dt import DecisionTransformer, DTConfig, _Rollout
+from kinema.policies.dt import DecisionTransformer, DTConfig, _Rollout, dt_recipe
 
 LOSS_ON = ("all", "final_trial")
 RELABEL = ("chain_max", "own_return", "later_trials")
 WINDOW_START = ("chain", "episode")
 
 
+def at_recipe() -> Recipe:
+    """DT's recipe, evaluated and saved with an EMA of the weights: without it one checkpoint's
+    score swings by tens of points from one evaluation to the next on walker2d-medium-replay."""
+    return dataclasses.replace(dt_recipe(), ema=True)
+
+
 @dataclass
 class ATConfig(DTConfig):
     reward_scale: float = 1.0  # rewards are divided by this before embedding
     loss_on: str = "all"  # "all" episodes of a chain, or only its "final_trial" (the best)
-    max_chain_len: int = 4  # episodes per chain, at most (the chain sampler draws 1..max_chain_len)
+    max_chain_len: int = 1  # episodes per chain, at most (the chain sampler draws 1..max_chain_len)
     fresh_trial_prob: float = 0.5  # share of windows whose earlier trials are hidden, as before a first trial
     relabel: str = "chain_max"  # trials' targets: the chain's best return, their "own_return", or best on "later_trials" only
     trial_summary: bool = False  # the return token also carries the previous trial's return and length
     window_start: str = "chain"  # windows start at a uniform step of the "chain" or of its first drawn "episode" (DT's weights)
+    recipe: Recipe = field(default_factory=at_recipe)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,6 +5,8 @@ Decoding and causality are shared with DT and tested for both families in test_d
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from kinema.datasets import OfflineDataset, make_sampler
 from kinema.datasets.samplers.chains import ChainSampler
 from kinema.policies import NormStats, PolicySpec, make_policy
 from kinema.policies.at import AgenticTransformer
+from kinema.policies.dt import dt_recipe
 
 OBS_DIM, ACT_DIM = 5, 3
 SPEC = PolicySpec(obs_dim=OBS_DIM, act_dim=ACT_DIM, action_low=(-2.0, -1.0, 0.0), action_high=(2.0, 1.0, 1.0))
@@ -51,8 +54,10 @@ def test_registry_builds_at_on_chains_and_checks_its_fields() -> None:
     assert isinstance(policy, AgenticTransformer)
     assert policy.batch_spec.kind == "chains" and policy.batch_spec.context_len == 20
     assert policy.config.loss_on == "all"
-    assert policy.batch_spec.options == {"max_chain_len": 4, "fresh_trial_prob": 0.5, "relabel": "chain_max",
+    # Defaults: one-episode chains, DT's recipe with an EMA of the weights (issue 19's best setting)
+    assert policy.batch_spec.options == {"max_chain_len": 1, "fresh_trial_prob": 0.5, "relabel": "chain_max",
                                          "window_start": "chain"}
+    assert policy.config.recipe == dataclasses.replace(dt_recipe(), ema=True)
     with pytest.raises(ValueError, match="max_chain_len"):
         make_policy({"name": "at", "max_chain_len": 0}, SPEC, STATS)
     with pytest.raises(ValueError, match="fresh_trial_prob"):
