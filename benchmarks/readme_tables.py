@@ -329,17 +329,18 @@ def diffusion_quality_section(data: dict[str, Any]) -> str:
 
 def at_ablation_section(data: dict[str, Any]) -> str:
     intro = ("**Agentic Transformer ablation** (issue 19: AT's first trial ≥ DT's, and its last trial above its first): "
-             "variants of AT's options against DT at the grid's budget; each label says what differs from the default "
-             "AT (targets relabelled to the chain's best return, windows starting anywhere in the chain, no trial "
-             "summary). `walker2d-medium-replay-avx2` is the suite's walker2d-medium-replay as kinema generates it now "
+             "variants of AT's options against DT at the grid's budget; each label says what differs from AT's "
+             "defaults (one-episode chains, an EMA of the weights, targets relabelled to the chain's best return, "
+             "windows starting anywhere in the chain, no trial summary); \"chains\" are chains of up to 4 episodes, "
+             "AT's default when these cells ran. `walker2d-medium-replay-avx2` is the suite's walker2d-medium-replay as kinema generates it now "
              "(the same file); its DT cells are the diffusion grid's (same config). Text: \"Agentic Transformer: what "
              "was tried\".")
     return intro + "\n\n" + quality_section(data, "at/quality.json")
 
 
 def at_checkpoint_noise_section(data: dict[str, Any]) -> str:
-    intro = ("**Checkpoint noise on walker2d-medium-replay** (issue 19): DT, AT and AT with one-episode chains at the "
-             "grid's budget, each cell also evaluated every "
+    intro = ("**Checkpoint noise on walker2d-medium-replay** (issue 19): DT and AT with and without an EMA of the "
+             "weights, and AT's former chains of up to 4 episodes, at the grid's budget, each cell also evaluated every "
              f"{data['protocol']['eval_every']} steps on the same start states, so a row's late score averages over "
              "the swings of single checkpoints. Text: \"Agentic Transformer: what was tried\".")
     labels = {entry["policy"]: entry["label"] for entry in data.get("policies", [])}
