@@ -332,7 +332,8 @@ def at_ablation_section(data: dict[str, Any]) -> str:
              "variants of AT's options against DT at the grid's budget; each label says what differs from AT's "
              "defaults (one-episode chains, an EMA of the weights, targets relabelled to the chain's best return, "
              "windows starting anywhere in the chain, no trial summary); \"chains\" are chains of up to 4 episodes, "
-             "AT's default when these cells ran. `walker2d-medium-replay-avx2` is the suite's walker2d-medium-replay as kinema generates it now "
+             "AT's default when these cells ran. `walker2d-medium-replay-avx2` is the suite's "
+             "walker2d-medium-replay as kinema generates it now "
              "(the same file); its DT cells are the diffusion grid's (same config). Text: \"Agentic Transformer: what "
              "was tried\".")
     return intro + "\n\n" + quality_section(data, "at/quality.json")
