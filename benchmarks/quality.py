@@ -231,6 +231,30 @@ def _family_config(family: str) -> str:
     return json.dumps(compose_train_config([f"policy={family}"]))  # each family trains with its own recipe
 
 
+def evaluates_weight_ema(policy: str) -> bool:
+    """Whether the policy's recipe (the family's, with a variant's overrides) evaluates an EMA of the weights."""
+    from kinema.policies import policy_class
+
+    try:
+        policy_class(family_of(policy))
+    except ValueError:  # a family no longer registered: its recipe is unknown
+        return False
+    cfg = json.loads(_family_config(family_of(policy)))
+    if policy in VARIANTS:
+        merge_overrides(cfg["policy"], VARIANTS[policy].overrides)
+    return bool(cfg["policy"]["recipe"].get("ema"))
+
+
+def recipes_protocol(policies: Sequence[str]) -> str:
+    """The protocol's recipe line; it names the columns scored with an EMA of the weights, which are then not
+    like for like with the columns scored with the last weights."""
+    line = "each family's own (policy.recipe), warm-up scaled to " + f"{WARMUP_FRACTION:.0%} of steps"
+    with_ema = ", ".join(f'"{policy_label(policy)}"' for policy in policies if evaluates_weight_ema(policy))
+    if with_ema:
+        line += f"; scored with an EMA of the weights (policy.recipe.ema): {with_ema}; the others with the last weights"
+    return line
+
+
 def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The trainer config of one cell: kinema's Hydra config with the grid's budget applied."""
     family = family_of(policy)
@@ -900,7 +924,7 @@ def write_aggregate(record: RunRecord, results_dir: Path, grid: Grid) -> dict[st
         "protocol": {
             "steps": args.steps, "batch_size": args.batch_size, "eval_episodes": args.eval_episodes,
             "trials": args.trials, "threads": args.threads, "quick": args.quick,
-            "recipes": "each family's own (policy.recipe), warm-up scaled to " + f"{WARMUP_FRACTION:.0%} of steps",
+            "recipes": recipes_protocol(order),
             "target_return": "best episode return in the training data (eval.target_return=dataset_max)",
             "reported": "last evaluation (final checkpoint); mean ± std (ddof=0) over seeds of per-seed mean normalised score",
             "eval_every": args.eval_every,

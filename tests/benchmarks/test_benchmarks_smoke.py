@@ -163,6 +163,9 @@ def test_quality_grid_json_and_resume(results: Path) -> None:
     assert {(row["dataset"], row["policy"]) for row in data["table"]} == {("tiny", p) for p in ("dt", "at", "bc", "hf_dt")}
     assert [entry["policy"] for entry in data["policies"]] == ["dt", "at", "hf_dt", "bc"]  # as requested
     assert {entry["policy"]: entry["label"] for entry in data["policies"]}["hf_dt"] == "HF DT"  # the family's own label
+    labels = {entry["policy"]: entry["label"] for entry in data["policies"]}
+    # AT's recipe evaluates an EMA of the weights and DT's does not: the protocol names the columns that differ so.
+    assert f'EMA of the weights (policy.recipe.ema): "{labels["at"]}"; the others' in data["protocol"]["recipes"]
     for row in data["table"]:
         assert row["steps"] == 4 and row["seeds"] == [0] and row["score_mean"] is not None and "flags" not in row
         assert ("trials" in row) == (row["policy"] in ("dt", "at"))
