@@ -235,11 +235,12 @@ def evaluates_weight_ema(policy: str) -> bool:
     """Whether the policy's recipe (the family's, with a variant's overrides) evaluates an EMA of the weights."""
     from kinema.policies import policy_class
 
+    family = family_of(policy)
     try:
-        policy_class(family_of(policy))
+        policy_class(family)
     except ValueError:  # a family no longer registered: its recipe is unknown
         return False
-    cfg = json.loads(_family_config(family_of(policy)))
+    cfg = json.loads(_family_config(family))
     if policy in VARIANTS:
         merge_overrides(cfg["policy"], VARIANTS[policy].overrides)
     return bool(cfg["policy"]["recipe"].get("ema"))

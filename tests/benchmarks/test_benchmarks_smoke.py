@@ -162,8 +162,8 @@ def test_quality_grid_json_and_resume(results: Path) -> None:
     data = load(results, "quality")
     assert {(row["dataset"], row["policy"]) for row in data["table"]} == {("tiny", p) for p in ("dt", "at", "bc", "hf_dt")}
     assert [entry["policy"] for entry in data["policies"]] == ["dt", "at", "hf_dt", "bc"]  # as requested
-    assert {entry["policy"]: entry["label"] for entry in data["policies"]}["hf_dt"] == "HF DT"  # the family's own label
     labels = {entry["policy"]: entry["label"] for entry in data["policies"]}
+    assert labels["hf_dt"] == "HF DT"  # the family's own label
     # AT's recipe evaluates an EMA of the weights and DT's does not: the protocol names the columns that differ so.
     assert f'EMA of the weights (policy.recipe.ema): "{labels["at"]}"; the others' in data["protocol"]["recipes"]
     for row in data["table"]:
@@ -262,6 +262,13 @@ def test_column_order_is_stable_with_variants_after_their_family() -> None:
         "dt", "dt_full", "at", "at_final", "hf_dt", "bc", "other"]
     # Whatever subset one invocation asks for, the default grid's order comes first.
     assert quality.column_order(["new", "bc", "at"], ["dt", "at", "bc", "new"]) == ["dt", "at", "bc", "new"]
+
+
+def test_which_columns_are_scored_with_an_ema_of_the_weights_follows_the_recipe_and_variant() -> None:
+    assert quality.evaluates_weight_ema("at") and quality.evaluates_weight_ema("dt_ema")
+    assert not quality.evaluates_weight_ema("dt") and not quality.evaluates_weight_ema("at_single")  # variant turns it off
+    assert not quality.evaluates_weight_ema("a_family_no_longer_registered")
+    assert "EMA" not in quality.recipes_protocol(["dt", "bc"])
 
 
 def test_outside_a_checkout_results_need_an_explicit_place(monkeypatch, capsys) -> None:
