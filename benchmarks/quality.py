@@ -231,19 +231,23 @@ def _family_config(family: str) -> str:
     return json.dumps(compose_train_config([f"policy={family}"]))  # each family trains with its own recipe
 
 
-def evaluates_weight_ema(policy: str) -> bool:
-    """Whether the policy's recipe (the family's, with a variant's overrides) evaluates an EMA of the weights."""
-    from kinema.policies import policy_class
-
-    family = family_of(policy)
-    try:
-        policy_class(family)
-    except ValueError:  # a family no longer registered: its recipe is unknown
-        return False
-    cfg = json.loads(_family_config(family))
+def policy_config(policy: str) -> dict[str, Any]:
+    """kinema's Hydra config for a grid policy: its family's, with a variant's overrides."""
+    cfg = json.loads(_family_config(family_of(policy)))
     if policy in VARIANTS:
         merge_overrides(cfg["policy"], VARIANTS[policy].overrides)
-    return bool(cfg["policy"]["recipe"].get("ema"))
+    return cfg
+
+
+def evaluates_weight_ema(policy: str) -> bool:
+    """Whether the policy's recipe evaluates an EMA of the weights."""
+    from kinema.policies import policy_class
+
+    try:
+        policy_class(family_of(policy))
+    except ValueError:  # a family no longer registered: its recipe is unknown
+        return False
+    return bool(policy_config(policy)["policy"]["recipe"].get("ema"))
 
 
 def recipes_protocol(policies: Sequence[str]) -> str:
@@ -258,10 +262,7 @@ def recipes_protocol(policies: Sequence[str]) -> str:
 
 def cell_config(policy: str, dataset: str, dataset_paths: dict[str, Path], seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The trainer config of one cell: kinema's Hydra config with the grid's budget applied."""
-    family = family_of(policy)
-    cfg = json.loads(_family_config(family))
-    if policy in VARIANTS:
-        merge_overrides(cfg["policy"], VARIANTS[policy].overrides)
+    cfg = policy_config(policy)
     recipe = cfg["policy"]["recipe"]
     recipe["batch_size"] = args.batch_size
     if recipe["warmup_steps"] > 0:

@@ -37,8 +37,9 @@ def test_the_virtual_robot_serves_its_task_at_its_control_rate_with_joint_limits
         report = run(robot, 2.5)
         counts = robot.robot_counts()
     assert report["final_state"] == "ok" and report["ticks"] == 312
-    # How many ticks the policy thread serves in time depends on the machine's load (233 of 312 once, beside four
-    # training jobs on 2 cores), so only that it served some, and never more than the ticks; speed is benchmarked.
+    # How many ticks the policy thread serves in time depends on the machine's load (233 of 312 once, beside
+    # three training jobs on 2 cores), so only that it served some and never more than the ticks; speed is
+    # benchmarked (benchmarks/control_loop.py).
     assert counts["steps"] >= 250 and 0 < report["policy_actions"] <= report["ticks"]
     # a zero-torque hopper falls within about 140 steps: at least one whole episode
     assert report["episode_returns"] and all(length > 5 for length in report["episode_lengths"])
